@@ -1,0 +1,1 @@
+"""lkspec cache package."""
