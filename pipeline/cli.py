@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # Each module defines `register(subparsers)`, which adds its sub-command(s) and sets
 # `func(args) -> int` on the parser. Heavy imports (torch, ray) stay inside those functions
@@ -30,13 +31,99 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
+    for leaf in _leaf_parsers(parser):
+        leaf.add_argument(
+            "--config", metavar="FILE.yaml", default=None,
+            help="read options from a YAML file whose keys mirror this command's flags "
+            "(a flag on the command line wins; unknown keys are refused)",
+        )
+        leaf.set_defaults(_leaf_parser=leaf)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (has `func`), walking nested sub-commands."""
+    leaves = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                leaves.extend(_leaf_parsers(child))
+    if parser.get_default("func") is not None:
+        leaves.append(parser)
+    return leaves
+
+
+def config_file_defaults(leaf: argparse.ArgumentParser, path: str) -> dict:
+    """Validate a YAML config against a command's flags and return it as parser defaults."""
+    import yaml
+
+    config_path = Path(path)
+    if not config_path.is_file():
+        raise CliError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise CliError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(values, dict):
+        raise CliError(f"config file {path} must hold a mapping of option names to values")
+    actions = {
+        action.dest: action for action in leaf._actions
+        if action.option_strings and action.dest not in ("help", "config")
+    }
+    defaults = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            valid = ", ".join(sorted(name.replace("_", "-") for name in actions))
+            raise CliError(f"{path}: unknown key {key!r} for `{leaf.prog}` (valid keys: {valid})")
+        defaults[dest] = _config_value(path, key, value, action)
+    return defaults
+
+
+def _config_value(path: str, key: str, value, action: argparse.Action):
+    """Convert one YAML value the way argparse would convert the same flag, or fail naming it."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise CliError(f"{path}: key {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, list):
+        value = ",".join(str(item) for item in value)
+    if action.type is not None and value is not None:
+        try:
+            value = action.type(str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise CliError(f"{path}: bad value for key {key!r}: {value!r} ({exc})") from exc
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise CliError(f"{path}: key {key!r} must be one of {choices}, got {value!r}")
+    return value
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse argv; with --config, the file supplies defaults (required flags included)."""
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        return parser.parse_args(argv)
+    required = [
+        action for leaf in _leaf_parsers(parser) for action in leaf._actions
+        if action.required and action.option_strings
+    ]
+    for action in required:  # the file may supply them: check after it is read
+        action.required = False
+    args = parser.parse_args(argv)
+    defaults = config_file_defaults(args._leaf_parser, args.config)
+    args._leaf_parser.set_defaults(**defaults)
+    for action in required:
+        action.required = action.dest not in defaults
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lkspec` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = parse_with_config(parser, argv)
         return int(args.func(args) or 0)
     except CliError as exc:
         print(f"lkspec: error: {exc}", file=sys.stderr)
