@@ -11,6 +11,7 @@ from pathlib import Path
 # so that `lkspec --help` answers instantly.
 COMMAND_MODULES = (
     "pipeline.cli_cache",
+    "pipeline.cli_submit",
 )
 
 

@@ -1,0 +1,163 @@
+"""Peer comparison: our speculative decoder vs transformers assisted generation, same pair, T = 0.
+
+Both are exact greedy decoders with K drafted tokens per target forward (transformers with
+num_assistant_tokens=K, a constant schedule and no confidence early-stop), so τ should agree within
+noise and the comparison is about overhead. Each prompt runs: target alone (ours), ours with the
+drafter, transformers generate() alone, transformers assisted generation, back to back on the
+same threads. Prints a table and writes JSON.
+
+    python bench/decode.py                       # smollm2-135m + a 2-layer drafter built from it
+    python bench/decode.py --drafter runs/lk/model --k 5 --prompts 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from eval.prompts import load_prompts  # noqa: E402
+from eval.speculative import speculative_generate  # noqa: E402
+from pipeline.bench_job import encode_chat  # noqa: E402
+from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
+
+
+def build_layer_drafter(target_path: Path, layers: int = 2) -> Path:
+    """A `layers`-deep Llama sharing the target's tokenizer, embeddings, LM head, final norm and its
+    first and last decoder layers (no training: acceptance comes from the shared weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    identity = resolve_model(str(target_path)).identity
+    out = lkspec_home() / "models" / f"layer-drafter-{layers}-{identity['weights_sha256'][:16]}"
+    if (out / "config.json").is_file():
+        return out
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(target_path)
+    config.num_hidden_layers = layers
+    drafter = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    keep = [0, *range(target.config.num_hidden_layers - layers + 1, target.config.num_hidden_layers)]
+    with torch.no_grad():
+        drafter.model.embed_tokens.load_state_dict(target.model.embed_tokens.state_dict())
+        drafter.model.norm.load_state_dict(target.model.norm.state_dict())
+        drafter.lm_head.load_state_dict(target.lm_head.state_dict())
+        for mine, theirs in zip(drafter.model.layers, keep):
+            mine.load_state_dict(target.model.layers[theirs].state_dict())
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    drafter.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(target_path).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def ours(target, drafter, input_ids, k, max_new_tokens, eos):
+    start = time.perf_counter()
+    output, stats = speculative_generate(target, drafter, input_ids, k=k, temperature=0.0,
+                                         max_new_tokens=max_new_tokens, eos_token_id=eos)
+    return output.tolist(), time.perf_counter() - start, stats["target_forwards"]
+
+
+def theirs(target, drafter, input_ids, k, max_new_tokens, eos):
+    calls = [0]
+    hook = target.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    kwargs = {}
+    if drafter is not None:
+        drafter.generation_config.num_assistant_tokens = k
+        drafter.generation_config.num_assistant_tokens_schedule = "constant"
+        drafter.generation_config.assistant_confidence_threshold = 0.0
+        kwargs["assistant_model"] = drafter
+    start = time.perf_counter()
+    with torch.inference_mode():
+        output = target.generate(input_ids[None], do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else eos[0],
+                                 attention_mask=torch.ones_like(input_ids[None]), **kwargs)
+    seconds = time.perf_counter() - start
+    hook.remove()
+    return output[0, input_ids.numel():].tolist(), seconds, calls[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--drafter", default=None, help="HF dir (default: 2-layer drafter built from the target)")
+    parser.add_argument("--bench", default="mt-bench", help="prompt set (eval.prompts name or .jsonl)")
+    parser.add_argument("--prompts", type=int, default=8, help="evenly spaced prompts from the set")
+    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    target_path = resolve_model(args.target).path
+    drafter_path = Path(args.drafter) if args.drafter else build_layer_drafter(target_path)
+    target = load_model(target_path, dtype=args.dtype)
+    drafter = load_model(drafter_path, dtype=args.dtype)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target_path)
+    eos = target.generation_config.eos_token_id
+    prompts = [torch.tensor(encode_chat(tokenizer, p.text)) for p in load_prompts(args.bench, args.prompts)]
+
+    runs = {  # name -> (function, drafter)
+        "ours target alone": (ours, None), "ours speculative": (ours, drafter),
+        "hf target alone": (theirs, None), "hf assisted": (theirs, drafter),
+    }
+    for fn, d in runs.values():  # warm-up
+        fn(target, d, prompts[0][:8], args.k, 4, eos)
+    totals = {name: {"tokens": 0, "seconds": 0.0, "target_forwards": 0} for name in runs}
+    outputs = {name: [] for name in runs}
+    for i, input_ids in enumerate(prompts):
+        for name, (fn, d) in runs.items():
+            ids, seconds, forwards = fn(target, d, input_ids, args.k, args.max_new_tokens, eos)
+            totals[name]["tokens"] += len(ids)
+            totals[name]["seconds"] += seconds
+            totals[name]["target_forwards"] += forwards
+            outputs[name].append(ids)
+        print(f"prompt {i + 1}/{len(prompts)}: {len(prompts[i])} prompt tokens, "
+              f"{len(outputs['ours target alone'][-1])} new", file=sys.stderr)
+
+    reference = outputs["ours target alone"]
+    rows = []
+    for name, total in totals.items():
+        rows.append({
+            "name": name, "tokens": total["tokens"], "seconds": total["seconds"],
+            "tokens_per_s": total["tokens"] / total["seconds"],
+            "target_forwards": total["target_forwards"],
+            "tau": total["tokens"] / max(total["target_forwards"], 1),
+            "outputs_equal_target_greedy": sum(o == r for o, r in zip(outputs[name], reference)),
+        })
+    base = {"ours": rows[0]["tokens_per_s"], "hf": rows[2]["tokens_per_s"]}
+    for row in rows:
+        row["speedup_vs_own_baseline"] = row["tokens_per_s"] / base[row["name"].split()[0]]
+
+    print(f"\n{args.target} + {drafter_path.name}, K={args.k}, T=0, {len(prompts)} {args.bench} prompts, "
+          f"max {args.max_new_tokens} new tokens, {args.dtype}, {args.threads} threads")
+    print(f"{'':20s} {'tokens/s':>9s} {'tau':>6s} {'speed-up':>9s} {'= greedy':>9s}")
+    for row in rows:
+        print(f"{row['name']:20s} {row['tokens_per_s']:9.1f} {row['tau']:6.2f} "
+              f"{row['speedup_vs_own_baseline']:8.2f}x {row['outputs_equal_target_greedy']:5d}/{len(prompts)}")
+    ratio = rows[1]["tokens_per_s"] / rows[3]["tokens_per_s"]
+    print(f"ours speculative / hf assisted tokens/s: {ratio:.2f}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "target": args.target, "drafter": str(drafter_path), "k": args.k, "temperature": 0.0,
+        "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "rows": rows,
+        "ours_over_hf_tokens_per_s": ratio,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

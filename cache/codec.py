@@ -1,0 +1,90 @@
+"""Array <-> bytes transforms that make token ids, log-probs and features compress well under zstd.
+
+Every multi-byte integer stream is split into little-endian byte planes (all low bytes, then all
+next bytes, ...), so zstd sees the near-constant high bytes of token ids as long runs. Log-probs
+of a row are sorted descending, so the bit patterns of their magnitudes (fp16 or fp32) are
+non-decreasing along k: we store the first pattern and the small non-negative deltas.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LOGPROB_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 3: np.uint32, 4: np.uint32}
+_FP16_MAX = float(np.finfo(np.float16).max)
+# -(fp16 value) as float32 for every fp16 bit pattern: a table lookup beats numpy's fp16 conversion.
+_NEGATED_FP16 = -np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def id_width(vocab_size: int) -> int:
+    """Bytes per token id: the fewest little-endian bytes that hold vocab_size - 1."""
+    return max(1, (max(vocab_size - 1, 0).bit_length() + 7) // 8)
+
+
+def to_planes(values: np.ndarray, width: int) -> bytes:
+    """Unsigned integers (< 256**width) as `width` byte planes, lowest byte first."""
+    flat = np.ascontiguousarray(values.reshape(-1), dtype=f"<u{np.dtype(_UNSIGNED[width]).itemsize}")
+    return flat.view(np.uint8).reshape(flat.size, -1)[:, :width].T.tobytes()
+
+
+def from_planes(data: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of to_planes: uint8 planes -> 1-D unsigned integers (uint8/16/32 by width)."""
+    planes = data.reshape(width, -1)
+    dtype = _UNSIGNED[width]
+    values = planes[0].astype(dtype)
+    for j in range(1, width):
+        values |= planes[j].astype(dtype) << (8 * j)
+    return values
+
+
+def encode_ids(ids: np.ndarray, width: int) -> bytes:
+    """Token ids (any shape, values in [0, 256**width)) as byte planes."""
+    return to_planes(ids.astype(np.uint32), width)
+
+
+def decode_ids(data: np.ndarray, width: int) -> np.ndarray:
+    """Byte planes -> int32 token ids, 1-D."""
+    return from_planes(data, width).astype(np.int32)
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """A bool mask as packed bits."""
+    return np.packbits(mask).tobytes()
+
+
+def decode_mask(data: np.ndarray, length: int) -> np.ndarray:
+    """Packed bits -> bool [length]."""
+    return np.unpackbits(data, count=length).astype(bool)
+
+
+def encode_logprobs(logprobs: np.ndarray, dtype: str) -> bytes:
+    """Rows of descending log-probs [P, k] as byte planes of per-row deltas of |logprob| bit patterns."""
+    magnitude = np.abs(logprobs)  # abs, not negate: log-prob 0.0 must map to +0.0
+    if dtype == "fp16":
+        magnitude = np.minimum(magnitude, _FP16_MAX)  # below -65504, probability is exactly 0
+    bits = magnitude.astype(LOGPROB_DTYPES[dtype]).view(_UNSIGNED[_width(dtype)])
+    deltas = np.diff(bits, axis=1, prepend=bits.dtype.type(0))  # >= 0: |logprob| rises along k
+    return to_planes(deltas, _width(dtype))
+
+
+def decode_logprobs(data: np.ndarray, k: int, dtype: str) -> np.ndarray:
+    """Inverse of encode_logprobs: float32 [P, k]."""
+    deltas = from_planes(data, _width(dtype)).reshape(-1, k)
+    bits = np.cumsum(deltas, axis=1, dtype=np.uint32)  # uint32 accumulates faster than uint16
+    return np.take(_NEGATED_FP16, bits) if dtype == "fp16" else -bits.view(np.float32)
+
+
+def encode_bf16(values: np.ndarray) -> bytes:
+    """Float features as byte planes of bfloat16 patterns (round to nearest even)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16
+    return to_planes(rounded.astype(np.uint16), 2)
+
+
+def decode_bf16(data: np.ndarray, dim: int) -> np.ndarray:
+    """Inverse of encode_bf16: float32 [T, dim]."""
+    return (from_planes(data, 2).astype(np.uint32) << 16).view(np.float32).reshape(-1, dim)
+
+
+def _width(dtype: str) -> int:
+    return np.dtype(LOGPROB_DTYPES[dtype]).itemsize

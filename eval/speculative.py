@@ -1,0 +1,227 @@
+"""Exact speculative decoding (chain drafting, batch size 1) for Hugging Face causal LMs.
+
+One target forward verifies K drafted tokens. At T = 0 a draft is accepted when it equals the
+target's argmax; at T > 0 by rejection sampling (accept with min(1, p/q), otherwise resample from
+the normalized max(0, p - q), and a bonus token from the target when all K are accepted). The output
+is distributed exactly as the target's own sampling (identical to greedy decoding at T = 0).
+Both models keep a KV cache that is cropped back to the accepted prefix after every step.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+
+def speculative_generate(
+    target,
+    drafter,
+    input_ids: torch.Tensor,
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_id: int | list[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Generate up to max_new_tokens tokens after input_ids; returns (new token ids [n], stats).
+
+    `drafter=None` or `k=0` decodes with the target alone (the baseline, same code path).
+    """
+    from transformers import DynamicCache
+
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    k = k if drafter is not None else 0
+    eos_ids = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).view(-1)
+    tokens = torch.as_tensor(input_ids, dtype=torch.long).view(-1)  # [prompt + generated]
+    prompt_len = tokens.numel()
+    target_cache = DynamicCache(config=target.config)
+    draft_cache = DynamicCache(config=drafter.config) if drafter is not None else None
+    stats = new_stats(k)
+
+    with torch.inference_mode():
+        while tokens.numel() - prompt_len < max_new_tokens:
+            # Never draft past max_new_tokens: a step yields at most k_step + 1 tokens.
+            k_step = min(k, max_new_tokens - (tokens.numel() - prompt_len) - 1)
+            drafts, draft_probs = draft(drafter, draft_cache, tokens, k_step, temperature, generator)
+
+            # One target forward scores the last committed token and every draft: [k_step + 1, V].
+            rollback(target_cache, tokens.numel() - 1)
+            verify_ids = torch.cat([tokens[cache_length(target_cache):], drafts])
+            target_logits = forward(target, verify_ids, target_cache, k_step + 1)
+            target_probs = to_probs(target_logits, temperature)
+
+            n_accepted, next_token = accept(target_probs, draft_probs, drafts, generator)
+            new_tokens = torch.cat([drafts[:n_accepted], next_token])
+            tokens = torch.cat([tokens, new_tokens])
+            record_step(stats, target_probs, draft_probs, k_step, n_accepted)
+
+            if eos_ids.numel() and torch.isin(new_tokens, eos_ids).any():
+                break
+
+    output = tokens[prompt_len:prompt_len + max_new_tokens]
+    if eos_ids.numel() and torch.isin(output, eos_ids).any():
+        output = output[: int(torch.isin(output, eos_ids).nonzero()[0]) + 1]  # stop at eos, inclusive
+    stats["new_tokens"] = output.numel()
+    stats["tau"] = output.numel() / max(stats["target_forwards"], 1)
+    stats["expected_tau"] = expected_tau(stats)
+    return output, stats
+
+
+# --- the drafter: everything a drafter does lives in draft() and rollback() -------------------
+
+def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, generator):
+    """Draft k tokens after `tokens` (chain drafting); returns drafts [k] and their distributions [k, V]."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.long), None
+    rollback(cache, tokens.numel() - 1)
+    inputs = tokens[cache_length(cache):]  # what the drafter has not seen yet (>= 1 token)
+    drafts, draft_probs = [], []
+    for _ in range(k):
+        q = to_probs(forward(drafter, inputs, cache, 1), temperature)  # [1, V]
+        inputs = torch.multinomial(q, 1, generator=generator)[0]
+        drafts.append(inputs)
+        draft_probs.append(q)
+    return torch.cat(drafts), torch.cat(draft_probs)
+
+
+def rollback(cache, length: int) -> None:
+    """Crop a KV cache to its first `length` positions (no-op when it is already that short)."""
+    excess = cache_length(cache) - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+# --- the maths ----------------------------------------------------------------------------------
+
+def accept(target_probs, draft_probs, drafts, generator) -> tuple[int, torch.Tensor]:
+    """Rejection sampling: the number of drafts accepted and the token the target adds after them.
+
+    target_probs [k+1, V], draft_probs [k, V] (None when k = 0), drafts [k].
+    """
+    k = drafts.numel()
+    if k == 0:
+        return 0, torch.multinomial(target_probs[0], 1, generator=generator)
+    target_probs, draft_probs = same_width(target_probs, draft_probs)
+    rows = torch.arange(k)
+    p, q = target_probs[rows, drafts], draft_probs[rows, drafts]
+    accepted = torch.rand(k, generator=generator) * q < p  # u < p/q, i.e. with probability min(1, p/q)
+    n_accepted = k if bool(accepted.all()) else int((~accepted).nonzero()[0])
+    if n_accepted == k:  # bonus token from the target
+        return k, torch.multinomial(target_probs[k], 1, generator=generator)
+    residual = residual_distribution(target_probs[n_accepted], draft_probs[n_accepted])
+    return n_accepted, torch.multinomial(residual, 1, generator=generator)
+
+
+def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The distribution to resample from after a rejection: max(0, p - q), normalized."""
+    residual = (p - q).clamp_min(0)
+    total = residual.sum()
+    return residual / total if total > 0 else p  # total = 0 only if p == q (rejection by rounding)
+
+
+def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sampling distribution in fp32; at T = 0 the one-hot of the argmax (greedy)."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def same_width(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad p or q so both cover the same vocabulary (models may pad their embedding rows)."""
+    width = max(p.shape[-1], q.shape[-1])
+    return F.pad(p, (0, width - p.shape[-1])), F.pad(q, (0, width - q.shape[-1]))
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+def new_stats(k: int) -> dict:
+    """Empty counters for a run drafting k tokens per step."""
+    return {
+        "k": k,
+        "target_forwards": 0,
+        "drafted": 0,
+        "accepted": 0,
+        "accepted_by_position": [0] * k,  # draft position i accepted
+        "reached_by_position": [0] * k,  # draft position i verified with every earlier one accepted
+        "alpha_sum_by_position": [0.0] * k,  # sum over steps of alpha_i = sum_v min(p_v, q_v)
+        "verified_by_position": [0] * k,  # steps in which position i was drafted and verified
+    }
+
+
+def record_step(stats: dict, target_probs, draft_probs, k_step: int, n_accepted: int) -> None:
+    """Add one verification step to the counters."""
+    stats["target_forwards"] += 1
+    stats["drafted"] += k_step
+    stats["accepted"] += n_accepted
+    if k_step == 0:
+        return
+    target_probs, draft_probs = same_width(target_probs[:k_step], draft_probs)
+    alphas = torch.minimum(target_probs, draft_probs).sum(-1).tolist()  # [k_step]
+    for i in range(k_step):
+        stats["alpha_sum_by_position"][i] += alphas[i]
+        stats["verified_by_position"][i] += 1
+    for i in range(min(n_accepted + 1, k_step)):
+        stats["reached_by_position"][i] += 1
+        stats["accepted_by_position"][i] += int(i < n_accepted)
+
+
+def merge_stats(all_stats: list[dict]) -> dict:
+    """Sum the counters of several runs (same k) and recompute tau, acceptance and expected tau."""
+    merged = new_stats(all_stats[0]["k"])
+    merged["new_tokens"] = 0
+    for stats in all_stats:
+        for key, value in stats.items():
+            if isinstance(merged.get(key), list):
+                merged[key] = [a + b for a, b in zip(merged[key], value)]
+            elif key in ("target_forwards", "drafted", "accepted", "new_tokens"):
+                merged[key] += value
+    merged["tau"] = merged["new_tokens"] / max(merged["target_forwards"], 1)
+    merged["expected_tau"] = expected_tau(merged)
+    return merged
+
+
+def acceptance_by_position(stats: dict) -> list[float | None]:
+    """Acceptance rate at each draft position, conditional on reaching it (None if never reached)."""
+    return [a / r if r else None for a, r in zip(stats["accepted_by_position"], stats["reached_by_position"])]
+
+
+def alpha_by_position(stats: dict) -> list[float | None]:
+    """Mean exact acceptance probability alpha at each draft position (None if never verified)."""
+    return [s / n if n else None for s, n in zip(stats["alpha_sum_by_position"], stats["verified_by_position"])]
+
+
+def expected_tau(stats: dict) -> float:
+    """Expected acceptance length 1 + sum_k prod_{j<=k} alpha_j from the mean alpha per position."""
+    tau, prefix = 1.0, 1.0
+    for alpha in alpha_by_position(stats):
+        if alpha is None:
+            break
+        prefix *= alpha
+        tau += prefix
+    return tau
+
+
+# --- model calls ------------------------------------------------------------------------------
+
+def forward(model, input_ids: torch.Tensor, cache, keep: int) -> torch.Tensor:
+    """Run model on new tokens [n] with its KV cache; logits of the last `keep` positions [keep, V]."""
+    kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True, "logits_to_keep": keep}
+    return model(input_ids.view(1, -1), **kwargs).logits[0, -keep:]
+
+
+def cache_length(cache) -> int:
+    """Number of positions held in a KV cache."""
+    return cache.get_seq_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class) -> str:
+    """transformers >= 5.x names the KV-cache argument `cache`, earlier versions `past_key_values`."""
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"

@@ -1,0 +1,317 @@
+"""`lkspec bench` as a Ray job: speculative decoding of benchmark prompts, sharded over actors.
+
+Each actor holds the target and every drafter, pins its torch threads, and decodes one prompt at a
+time: the target alone (the baseline) and then each drafter, at each temperature, timed back to
+back on the same cores. The driver merges the per-prompt results into report.json / report.md /
+plots (see eval/report.py) and a per-prompt outputs.jsonl.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from eval.report import BASELINE
+
+
+class BenchConfigError(ValueError):
+    """A bench setting is invalid; raised before any Ray worker starts."""
+
+
+@dataclass
+class BenchConfig:
+    """Everything `lkspec bench` needs; `validate()` checks values that do not need models."""
+
+    target: str
+    drafters: list[str]
+    benchmarks: list[str] = field(default_factory=lambda: ["mt-bench", "humaneval", "gsm8k"])
+    limit: int | None = None  # N evenly spaced prompts per benchmark (all when None)
+    temperatures: list[float] = field(default_factory=lambda: [0.0])
+    k: int = 7
+    max_new_tokens: int = 256
+    workers: int = 1
+    threads_per_worker: int | None = None  # default: the cluster's CPUs / workers
+    seed: int = 0
+    dtype: str = "fp32"
+    out: Path = Path("bench-report")
+    address: str | None = None  # existing Ray cluster; None starts (and stops) a local one
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Reject bad values with a message naming the setting."""
+        from eval.prompts import BENCHMARKS, is_benchmark
+
+        if self.k < 1:
+            raise BenchConfigError(f"k must be >= 1 (drafted tokens per step), got {self.k}")
+        if not self.temperatures:
+            raise BenchConfigError("temperature: give at least one value")
+        for temperature in self.temperatures:
+            if not temperature >= 0:
+                raise BenchConfigError(f"temperature must be >= 0, got {temperature}")
+        if self.max_new_tokens < 1:
+            raise BenchConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise BenchConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.workers < 1:
+            raise BenchConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise BenchConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise BenchConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if not self.drafters:
+            raise BenchConfigError("drafter: give at least one drafter (run directory or HF directory)")
+        if not self.benchmarks:
+            raise BenchConfigError("bench: give at least one benchmark")
+        for name in self.benchmarks:
+            if not is_benchmark(name):
+                raise BenchConfigError(
+                    f"unknown benchmark {name!r}: expected one of {', '.join(BENCHMARKS)} "
+                    "or a .jsonl file of {\"prompt\": ...} lines"
+                )
+
+
+@dataclass(frozen=True)
+class Drafter:
+    """A drafter to benchmark: display name, HF model directory and its training run record."""
+
+    name: str
+    path: Path
+    run: dict | None = None
+
+
+def resolve_drafter(spec: str) -> Drafter:
+    """A training run directory (run.json + model/), a HF directory, or a model alias."""
+    from pipeline.models import EMBEDDED_MODELS, resolve_model
+
+    path = Path(spec).expanduser()
+    if (path / "run.json").is_file():
+        model_dir = path / "model"
+        if not (model_dir / "config.json").is_file():
+            raise BenchConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
+        return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()))
+    if (path / "config.json").is_file():
+        return Drafter(path.resolve().name, path.resolve())
+    if spec in EMBEDDED_MODELS:
+        return Drafter(spec, resolve_model(spec).path)
+    raise BenchConfigError(
+        f"drafter {spec!r} not found: expected a training run directory (run.json + model/) "
+        "or a Hugging Face directory with config.json"
+    )
+
+
+def run_bench(config: BenchConfig) -> Path:
+    """Run the benchmark and write the report into config.out; returns that directory."""
+    from eval.prompts import PromptSetError
+    from eval.report import summarize, write_report
+    from pipeline.models import ModelNotFoundError, resolve_model
+
+    config.validate()
+    try:
+        target = resolve_model(config.target)
+    except ModelNotFoundError as exc:
+        raise BenchConfigError(str(exc)) from exc
+    drafters = _unique_names([resolve_drafter(spec) for spec in config.drafters])
+    tokenizer = _check_tokenizers(target.path, drafters)
+    try:
+        items = _prompt_items(config, tokenizer)
+    except PromptSetError as exc:
+        raise BenchConfigError(str(exc)) from exc
+
+    started = time.time()
+    with _ray_session(config.address):
+        records, threads = _run_on_actors(config, target.path, drafters, items)
+    elapsed = time.time() - started
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = summarize(records, drafters=[d.name for d in drafters], k=config.k)
+    report["config"] = {**asdict(config), "out": str(out), "threads_per_worker": threads}
+    report["target"] = {"spec": target.spec, "path": str(target.path), "identity": target.identity}
+    report["drafters"] = [{"name": d.name, "path": str(d.path), "run": d.run} for d in drafters]
+    report["wall_seconds"] = elapsed
+    write_report(report, out)
+    with open(out / "outputs.jsonl", "w") as handle:
+        for record in sorted(records, key=_record_order):
+            text = tokenizer.decode(record["output_ids"], skip_special_tokens=False)
+            handle.write(json.dumps({**_public(record), "output_ids": record["output_ids"], "text": text}) + "\n")
+    return out
+
+
+# --- driver-side preparation ------------------------------------------------------------------
+
+def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
+    seen: dict[str, int] = {}
+    unique = []
+    for drafter in drafters:
+        seen[drafter.name] = seen.get(drafter.name, 0) + 1
+        name = drafter.name if seen[drafter.name] == 1 else f"{drafter.name}-{seen[drafter.name]}"
+        unique.append(Drafter(name, drafter.path, drafter.run))
+    if any(d.name == BASELINE for d in unique):
+        raise BenchConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
+    return unique
+
+
+def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
+    """The target's tokenizer, after checking that every drafter's tokenizer is the same."""
+    from pipeline.models import tokenizer_fingerprint
+
+    target_tokenizer = _load_tokenizer(target_path, "target")
+    target_sha = tokenizer_fingerprint(target_tokenizer)
+    for drafter in drafters:
+        drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}"))
+        if drafter_sha != target_sha:
+            raise BenchConfigError(
+                f"drafter {drafter.name!r} ({drafter.path}) has a different tokenizer than the target "
+                f"({target_path}): drafter tokenizer sha {drafter_sha[:12]}…, target {target_sha[:12]}…"
+            )
+    return target_tokenizer
+
+
+def _load_tokenizer(path: Path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BenchConfigError(f"{what} at {path} has no loadable tokenizer files: {exc}") from exc
+
+
+def _prompt_items(config: BenchConfig, tokenizer) -> list[dict]:
+    """Every benchmark prompt rendered with the target's chat template, as token ids."""
+    from eval.prompts import benchmark_name, load_prompts
+
+    items = []
+    for bench in config.benchmarks:
+        for index, prompt in enumerate(load_prompts(bench, config.limit)):
+            items.append({
+                "benchmark": benchmark_name(bench), "index": index, "id": prompt.id,
+                "input_ids": encode_chat(tokenizer, prompt.text),
+            })
+    return items
+
+
+def encode_chat(tokenizer, text: str) -> list[int]:
+    """Token ids of one user message under the chat template, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+# --- Ray --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _ray_session(address: str | None):
+    """Reuse an initialized Ray, connect to `address`, or start a private local cluster."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    temp_dir = None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:  # address="local" never attaches to somebody else's cluster
+        temp_dir = tempfile.mkdtemp(prefix="lkbench-", dir="/tmp")  # short: unix socket paths
+        ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            import shutil
+
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafter], items: list[dict]):
+    """Shard prompts over `workers` actors (one prompt per call) and gather every record."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    threads = config.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.workers)
+    actor_cls = ray.remote(num_cpus=threads)(BenchWorker)
+    actors = [
+        actor_cls.remote(
+            str(target_path), [(d.name, str(d.path)) for d in drafters], dtype=config.dtype,
+            threads=threads, k=config.k, temperatures=list(config.temperatures),
+            max_new_tokens=config.max_new_tokens, seed=config.seed,
+        )
+        for _ in range(config.workers)
+    ]
+    try:
+        records = []
+        pool = ActorPool(actors)
+        results = pool.map_unordered(lambda actor, item: actor.run.remote(item), items)
+        for prompt_records in tqdm(results, total=len(items), desc="bench", unit="prompt",
+                                   disable=not config.progress):
+            records.extend(prompt_records)
+        return records, threads
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+class BenchWorker:
+    """Holds the target and the drafters; decodes one prompt under every setting per call."""
+
+    def __init__(self, target_path: str, drafters: list[tuple[str, str]], *, dtype: str, threads: int,
+                 k: int, temperatures: list[float], max_new_tokens: int, seed: int):
+        import torch
+
+        from pipeline.models import load_model
+
+        torch.set_num_threads(threads)
+        self.target = load_model(target_path, dtype=dtype)
+        self.drafters = [(BASELINE, None)] + [(name, load_model(path, dtype=dtype)) for name, path in drafters]
+        self.eos_token_id = self.target.generation_config.eos_token_id
+        self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
+        self._decode([1, 2, 3], BASELINE, None, 0.0, max_new_tokens=4)  # warm-up before timing
+        for name, drafter in self.drafters[1:]:
+            self._decode([1, 2, 3], name, drafter, 0.0, max_new_tokens=4)
+
+    def run(self, item: dict) -> list[dict]:
+        """Decode one prompt with the target alone and with each drafter, at each temperature."""
+        records = []
+        for temperature in self.temperatures:
+            for name, drafter in self.drafters:
+                key = f"{self.seed}|{item['benchmark']}|{item['id']}|{temperature}|{name}"
+                seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+                record = self._decode(item["input_ids"], name, drafter, temperature, self.max_new_tokens, seed)
+                records.append({"benchmark": item["benchmark"], "index": item["index"], "id": item["id"],
+                                "prompt_tokens": len(item["input_ids"]), **record})
+        return records
+
+    def _decode(self, input_ids, name, drafter, temperature, max_new_tokens, seed=0) -> dict:
+        import torch
+
+        from eval.speculative import speculative_generate
+
+        generator = torch.Generator().manual_seed(seed)
+        start = time.perf_counter()
+        output, stats = speculative_generate(
+            self.target, drafter, torch.tensor(input_ids), k=self.k if drafter is not None else 0,
+            temperature=temperature, max_new_tokens=max_new_tokens, eos_token_id=self.eos_token_id,
+            generator=generator,
+        )
+        seconds = time.perf_counter() - start
+        return {"drafter": name, "temperature": temperature, "seconds": seconds,
+                "output_ids": output.tolist(), "stats": stats}
+
+
+def _record_order(record: dict):
+    return (record["benchmark"], record["index"], record["temperature"], record["drafter"] != BASELINE,
+            record["drafter"])
+
+
+def _public(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "output_ids"}
