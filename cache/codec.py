@@ -23,8 +23,9 @@ def id_width(vocab_size: int) -> int:
 
 def to_planes(values: np.ndarray, width: int) -> bytes:
     """Unsigned integers (< 256**width) as `width` byte planes, lowest byte first."""
-    flat = np.ascontiguousarray(values.reshape(-1), dtype=f"<u{np.dtype(_UNSIGNED[width]).itemsize}")
-    return flat.view(np.uint8).reshape(flat.size, -1)[:, :width].T.tobytes()
+    itemsize = np.dtype(_UNSIGNED[width]).itemsize
+    flat = np.ascontiguousarray(values.reshape(-1), dtype=f"<u{itemsize}")
+    return flat.view(np.uint8).reshape(flat.size, itemsize)[:, :width].T.tobytes()
 
 
 def from_planes(data: np.ndarray, width: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 COMMAND_MODULES = (
     "pipeline.cli_cache",
     "pipeline.cli_submit",
+    "pipeline.cli_train",
 )
 
 

@@ -219,14 +219,15 @@ def _json_array_rows(path: Path, truncated_tail: bool) -> Iterator[RawRow]:
     if not text.startswith("[", position):
         raise DataError(f"{path}: a .json dataset must be a JSON array of conversations")
     position += 1
-    index = 0
+    index, line, counted_to = 0, 1, 0
     while True:
         position = _skip_space(text, position)
         if position < len(text) and text[position] == ",":
             position = _skip_space(text, position + 1)
         if position < len(text) and text[position] == "]":
             return
-        line = text.count("\n", 0, position) + 1
+        line += text.count("\n", counted_to, position)  # incremental: the file can be 100+ MB
+        counted_to = position
         if position >= len(text):
             if truncated_tail:
                 return

@@ -179,7 +179,6 @@ class RunPlan:
     tokenizer_dir: str  # saved with the exported drafter
     drafter: dict[str, Any]  # trainer.drafters.DrafterSpec.to_dict()
     total_steps: int
-    dtype: str  # fp32 | bf16 (resolved)
     heldout_threshold: int  # sample-id hash < threshold -> held out (never trained on)
     num_train_sequences: int
     num_heldout_sequences: int

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -94,10 +95,20 @@ Target = DenseTarget | SparseTarget
 
 
 # ------------------------------------------------------------- targets mapped into draft space
-class _DenseRows:
-    """A dense target seen from the draft vocabulary; yields per-chunk fp32 quantities."""
+# Each prepared target knows how to compute, for a chunk of rows z [c, V] of draft logits:
+#   forward(z, rows)            -> (KL [c], α [c], aux [c] or None)
+#   backward(z, rows, a, b, aux) -> a·∂KL/∂z + b·∂α/∂z  [c, V]   (a, b: [c, 1])
+# in the compute dtype `cdt` (fp32, or fp64 for fp64 logits).
 
-    def __init__(self, target: DenseTarget, n: int, v_draft: int, vocab_map: Tensor | None):
+
+def _floor(x: Tensor) -> Tensor:
+    return x.clamp_min(LOG_FLOOR)
+
+
+class _DenseRows:
+    """A dense target seen from the draft vocabulary (restricted by the vocab map, if any)."""
+
+    def __init__(self, target: DenseTarget, n: int, v_draft: int, vocab_map: Tensor | None, cdt):
         t = target.tensor
         t = t.reshape(-1, t.shape[-1])
         if t.shape[0] != n:
@@ -112,40 +123,72 @@ class _DenseRows:
                 f"vocab_map points at target id {int(vocab_map.max())}, "
                 f"but the DenseTarget vocabulary has {t.shape[1]} ids"
             )
-        self.t, self.is_logits, self.vocab_map = t.detach(), target.logits is not None, vocab_map
+        self.t, self.is_logits, self.vocab_map, self.cdt = t.detach(), target.logits is not None, vocab_map, cdt
 
-    def chunk(self, rows, cdt: torch.dtype):
-        """(p raw [c,V], p̃ for KL [c,V], log p̃ [c,V]) with p restricted to the draft vocabulary."""
-        t = self.t[rows].to(cdt)
+    def _logp(self, rows) -> Tensor:
+        """log p restricted to the draft vocabulary (un-renormalized), floored: [c, V_draft]."""
+        t = self.t[rows]
+        logp = torch.log_softmax(t, dim=-1, dtype=self.cdt) if self.is_logits else t.to(self.cdt).log()
+        if self.vocab_map is not None:
+            logp = logp.index_select(1, self.vocab_map)
+        return logp.clamp_min_(LOG_FLOOR)
+
+    def _p(self, rows) -> Tensor:
+        if self.is_logits and self.vocab_map is None:
+            return torch.softmax(self.t[rows], dim=-1, dtype=self.cdt)
         if self.vocab_map is None:
-            if self.is_logits:
-                logp = torch.log_softmax(t, dim=-1)
-                return logp.exp(), None, logp
-            return t, None, t.log()  # log: −inf at zero-probability ids
-        logp = torch.log_softmax(t, dim=-1) if self.is_logits else t.log()
-        logp = logp.index_select(1, self.vocab_map)  # [c, V_draft], un-renormalized
-        log_m = torch.logsumexp(logp, dim=-1, keepdim=True)  # log target mass on the draft vocab
-        logp_kl = logp - torch.where(torch.isfinite(log_m), log_m, 0.0)
-        return logp.exp(), logp_kl.exp().masked_fill_(~torch.isfinite(log_m), 0.0), logp_kl
+            return self.t[rows].to(self.cdt, copy=True)
+        return self._logp(rows).exp_()
+
+    def _mass(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """(1/m, s): m the target mass that KL renormalizes by (1 without a map), s = Σ p / m."""
+        psum = p.sum(-1, keepdim=True)
+        if self.vocab_map is None:
+            return torch.ones_like(psum), psum
+        inv_m = torch.where(psum > 0, 1.0 / psum, 0.0)
+        return inv_m, psum * inv_m
+
+    def forward(self, z: Tensor, rows):
+        logq = torch.log_softmax(z, dim=-1, dtype=self.cdt).clamp_min_(LOG_FLOOR)
+        logp = self._logp(rows)
+        kl_raw = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)  # Σ p (log p − log q)
+        p, q = logp.exp_(), logq.exp_()
+        alpha = torch.minimum(p, q).sum(-1)
+        inv_m, _ = self._mass(p)
+        inv_m = inv_m.squeeze(-1)
+        # KL(p/m ‖ q) = Σ p (log p − log q) / m − log m
+        kl = torch.where(inv_m > 0, kl_raw * inv_m + inv_m.clamp_min(1e-300).log(), 0.0)
+        return kl, alpha, None
+
+    def backward(self, z: Tensor, rows, a: Tensor, b: Tensor, aux) -> Tensor:
+        q = torch.softmax(z, dim=-1, dtype=self.cdt)
+        p = self._p(rows)
+        inv_m, s = self._mass(p)
+        q_under = torch.where(q < p, q, 0.0)  # where the draft under-covers the target: ∂min/∂q = 1
+        mass_under = q_under.sum(-1, keepdim=True)
+        # ∂KL/∂z = s·q − p/m ;  ∂α/∂z = q⊙1[q<p] − q·Σ_{q<p} q
+        g = q_under.mul_(b)
+        g.addcmul_(q, a * s - b * mass_under)
+        g.addcmul_(p, -a * inv_m)
+        return g
 
 
 class _SparseRows:
-    """A top-k target mapped to draft indices; all per-position quantities are small, built once.
+    """A top-k target mapped to draft indices; its per-position quantities are small, built once.
 
-    Draft-space ids K = cached ids inside the draft vocabulary (padding and out-of-vocabulary ids
-    point at a dummy column `v_draft` that carries no mass). r = 1 − Σ_cached p is the uncached
-    tail; m = Σ_K p + r = 1 − (cached mass outside the draft vocabulary) is the target's mass on
-    the draft vocabulary as far as the cache knows (m = 1 without a vocab map). KL uses p/m, r/m;
-    α uses the raw p and r.
+    K = the cached ids that are inside the draft vocabulary and not padding. Entries outside K
+    carry p = 0 and point at a column already in K (or column 0 when K is empty), so gathers and
+    scatters over all k entries stay correct. r = 1 − Σ_cached p is the uncached tail; with a vocab
+    map, m = Σ_K p + r = 1 − (cached mass outside the draft vocabulary) is the target's mass on the
+    draft vocabulary as far as the cache tells (m = 1 without a map). KL uses p/m and r/m; α uses
+    the raw p and r. When K covers the whole draft vocabulary there is no tail: r = 0.
     """
 
-    def __init__(self, target: SparseTarget, n: int, v_draft: int, vocab_map: Tensor | None, tail: str):
+    def __init__(self, target: SparseTarget, n: int, v_draft: int, vocab_map: Tensor | None, tail: str, cdt):
         ids = target.ids.reshape(-1, target.ids.shape[-1]).detach()
-        logprobs = target.logprobs.reshape(-1, target.logprobs.shape[-1]).detach()
+        logprobs = target.logprobs.reshape(-1, target.logprobs.shape[-1]).detach().to(cdt)
         if ids.shape[0] != n:
             raise ValueError(f"SparseTarget has {ids.shape[0]} positions, draft logits have {n}")
-        cdt = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
-        logprobs = logprobs.to(cdt)
         present = logprobs > -math.inf  # not padding
         if bool((ids[present] < 0).any()):
             raise ValueError("SparseTarget.ids has negative ids at non-padding entries")
@@ -155,110 +198,100 @@ class _SparseRows:
                     f"SparseTarget has ids >= draft vocabulary {v_draft}; "
                     "pass vocab_map= for a reduced draft vocabulary"
                 )
-            draft_ids = ids.long()
-        else:  # target id -> draft index (or −1): the inverse of d2t
+            draft_ids = torch.where(present, ids.long(), -1)
+        else:  # target id -> draft index or −1: the inverse of d2t
             size = max(int(vocab_map.max()), int(ids.max()) if ids.numel() else 0) + 1
             t2d = torch.full((size,), -1, dtype=torch.long, device=ids.device)
             t2d[vocab_map] = torch.arange(v_draft, device=ids.device)
-            draft_ids = t2d[ids.long().clamp_min(0)]
-        valid = present & (draft_ids >= 0)
+            draft_ids = torch.where(present, t2d[ids.long().clamp_min(0)], -1)
+        valid = draft_ids >= 0
+        k = ids.shape[1]
+        first = torch.where(valid, torch.arange(k, device=ids.device), k).amin(-1, keepdim=True)  # [N,1]
+        self.has_valid = (first < k)[:, 0]
+        first = first.clamp_max(k - 1)
+        # invalid entries point at the row's first valid id, and take their gradient value from it
+        self.idx = torch.where(valid, draft_ids, draft_ids.gather(1, first).clamp_min(0))
+        self.src = torch.where(valid | ~self.has_valid[:, None], torch.arange(k, device=ids.device), first)
         p_cached = torch.where(present, logprobs.exp(), 0.0)
-        self.idx = torch.where(valid, draft_ids, v_draft)  # [N, k]
-        self.p = torch.where(valid, p_cached, 0.0)  # [N, k] raw
+        self.p = torch.where(valid, p_cached, 0.0)
         r = (1.0 - p_cached.sum(-1)).clamp_min(0.0)
-        # When the cached ids cover the whole draft vocabulary there is no draft tail to match.
         r = torch.where(valid.sum(-1) >= v_draft, 0.0, r)
         m = self.p.sum(-1) + r if vocab_map is not None else torch.ones_like(r)
         has_m = m > 0
         m_safe = torch.where(has_m, m, 1.0)
         self.p_kl = torch.where(has_m[:, None], self.p / m_safe[:, None], 0.0)
         self.logp_kl = torch.where(valid & has_m[:, None], logprobs - m_safe.log()[:, None], 0.0)
-        bucket = tail == "bucket"
-        self.r = r if bucket else torch.zeros_like(r)  # raw tail mass (α side)
-        self.r_kl = torch.where(has_m, r / m_safe, 0.0) if bucket else torch.zeros_like(r)
-        self.bucket = bucket
+        self.bucket = tail == "bucket"
+        zero = torch.zeros_like(r)
+        self.r = r if self.bucket else zero  # raw tail mass (α side)
+        self.r_kl = torch.where(has_m, r / m_safe, 0.0) if self.bucket else zero
+        self.cdt = cdt
+        # below this the draft tail Q is recomputed in log space (its q_j may underflow)
+        self.tiny = torch.finfo(cdt).tiny ** 0.75
 
-    def chunk(self, rows, cdt: torch.dtype):
-        return (self.idx[rows], self.p[rows].to(cdt), self.p_kl[rows].to(cdt), self.logp_kl[rows].to(cdt),
-                self.r[rows].to(cdt)[:, None], self.r_kl[rows].to(cdt)[:, None])
+    def _masked_logq(self, z: Tensor, idx: Tensor, has_valid: Tensor) -> Tensor:
+        """log q with the ids of K set to −inf: [c, V]."""
+        logq = torch.log_softmax(z, dim=-1, dtype=self.cdt)
+        return logq.scatter_(1, idx, torch.where(has_valid[:, None], -math.inf, logq.gather(1, idx)))
 
+    def forward(self, z: Tensor, rows):
+        idx, has_valid = self.idx[rows], self.has_valid[rows]
+        p, p_kl, logp_kl = self.p[rows], self.p_kl[rows], self.logp_kl[rows]
+        logq = torch.log_softmax(z, dim=-1, dtype=self.cdt)
+        logq_k = logq.gather(1, idx)  # [c, k]
+        alpha = torch.minimum(p, logq_k.exp()).sum(-1)
+        kl = torch.where(p_kl > 0, p_kl * (logp_kl - _floor(logq_k)), 0.0).sum(-1)
+        if not self.bucket:
+            return kl, alpha, None
+        logq.scatter_(1, idx, torch.where(has_valid[:, None], -math.inf, logq_k))
+        tail = logq.exp_().sum(-1)  # Q: the draft's mass outside K
+        log_tail = tail.log()
+        rare = tail < self.tiny
+        if bool(rare.any()):  # exact log Q where the q_j underflow
+            log_tail[rare] = torch.logsumexp(self._masked_logq(z[rare], idx[rare], has_valid[rare]), dim=-1)
+        r, r_kl = self.r[rows], self.r_kl[rows]
+        alpha = alpha + torch.minimum(r, tail)
+        kl = kl + torch.where(r_kl > 0, r_kl * (r_kl.clamp_min(self.tiny).log() - _floor(log_tail)), 0.0)
+        return kl, alpha, log_tail
 
-# ------------------------------------------------------------------------------ chunk kernels
-def _floor(x: Tensor) -> Tensor:
-    return x.clamp_min(LOG_FLOOR)
-
-
-def _dense_chunk(z: Tensor, tgt: _DenseRows, rows, coef: tuple[Tensor, Tensor] | None, cdt):
-    """Forward: (KL [c], α [c]). Backward (coef = (a, b), each [c,1]): a·∂KL/∂z + b·∂α/∂z, [c,V]."""
-    z32 = z.to(cdt)
-    lse = torch.logsumexp(z32, dim=-1, keepdim=True)
-    logq = z32.sub_(lse) if z32.data_ptr() != z.data_ptr() else z32 - lse  # [c, V]
-    p, p_kl, logp_kl = tgt.chunk(rows, cdt)
-    kl_src = p if p_kl is None else p_kl
-    if coef is None:
-        q = logq.exp()
-        alpha = torch.minimum(p, q).sum(-1)
-        kl = (logp_kl - _floor(logq)).mul_(kl_src).masked_fill_(kl_src == 0, 0.0).sum(-1)
-        return kl, alpha
-    a, b = coef
-    q = logq.exp_()
-    under = q < p  # where the draft under-covers the target, ∂min/∂q = 1
-    q_under = q * under
-    mass_under = q_under.sum(-1, keepdim=True)
-    s = kl_src.sum(-1, keepdim=True)  # 1, or 0 when no target mass lies on the draft vocab
-    # ∂KL/∂z = s·q − p̃ ;  ∂α/∂z = q⊙1[q<p] − q·Σ_{q<p} q
-    g = q.mul_(a * s - b * mass_under)
-    g.addcmul_(q_under, b)
-    g.addcmul_(kl_src, -a)
-    return g
-
-
-def _sparse_chunk(z: Tensor, tgt: _SparseRows, rows, coef: tuple[Tensor, Tensor] | None, cdt):
-    """As `_dense_chunk` for a top-k target: cached ids K, plus the tail bucket in `bucket` mode."""
-    c, v = z.shape
-    idx, p, p_kl, logp_kl, r, r_kl = tgt.chunk(rows, cdt)
-    logq = z.new_empty((c, v + 1), dtype=cdt)  # last column: dummy id for padding / OOV entries
-    logq[:, :v].copy_(z)
-    logq[:, v] = -math.inf
-    logq.sub_(torch.logsumexp(logq, dim=-1, keepdim=True))
-    logq_k = logq.gather(1, idx)  # [c, k]
-    q_k = logq_k.exp()
-    q = logq.exp() if coef is not None else None
-    if tgt.bucket:
-        logq.scatter_(1, idx, -math.inf)  # the draft's tail: ids outside K
-        log_tail = torch.logsumexp(logq, dim=-1, keepdim=True)  # log Q, −inf for an empty tail
-        tail = log_tail.exp()
-    if coef is None:
-        alpha = torch.minimum(p, q_k).sum(-1)
-        kl = ((logp_kl - _floor(logq_k)) * p_kl).masked_fill_(p_kl == 0, 0.0).sum(-1)
-        if tgt.bucket:
-            alpha = alpha + torch.minimum(r, tail).squeeze(-1)
-            kl_tail = r_kl * (r_kl.clamp_min(torch.finfo(cdt).tiny).log() - _floor(log_tail))
-            kl = kl + kl_tail.masked_fill_(r_kl == 0, 0.0).squeeze(-1)
-        return kl, alpha
-    a, b = coef
-    q_under_k = q_k * (q_k < p)
-    mass_under = q_under_k.sum(-1, keepdim=True)
-    s = p_kl.sum(-1, keepdim=True)
-    g = q
-    if tgt.bucket:
-        tail_under = (tail < r).to(cdt)  # ∂min(r, Q)/∂Q
-        mass_under = mass_under + tail_under * tail
-        s = s + r_kl
-        # q_j / Q for j outside K (0 on K and the dummy), computed in log space: Q may underflow.
-        tail_dist = logq.sub_(torch.where(torch.isfinite(log_tail), log_tail, 0.0)).exp_()
-        g.mul_(a * s - b * mass_under)
-        g.addcmul_(tail_dist, b * tail_under * tail - a * r_kl)
-    else:
-        g.mul_(a * s - b * mass_under)
-    # ∂KL/∂z = s·q − scatter(p̃) − r̃·q_tail/Q ;  ∂α/∂z = scatter(q_K⊙1[q<p]) + 1[Q<r]·q_tail − q·mass_under
-    g.scatter_add_(1, idx, b * q_under_k - a * p_kl)
-    return g[:, :v]
+    def backward(self, z: Tensor, rows, a: Tensor, b: Tensor, log_tail) -> Tensor:
+        idx, src, has_valid = self.idx[rows], self.src[rows], self.has_valid[rows]
+        p, p_kl = self.p[rows], self.p_kl[rows]
+        q = torch.softmax(z, dim=-1, dtype=self.cdt)
+        q_k = q.gather(1, idx)
+        q_under_k = torch.where(q_k < p, q_k, 0.0)
+        mass_under = q_under_k.sum(-1, keepdim=True)
+        s = p_kl.sum(-1, keepdim=True)
+        # ∂KL/∂z = s·q − scatter_K(p/m) − (r/m)·q_tail/Q
+        # ∂α/∂z  = scatter_K(q⊙1[q<p]) + 1[Q<r]·q_tail − q·(Σ_K q⊙1[q<p] + 1[Q<r]·Q)
+        # (q_tail = q off K, 0 on K; the tail terms exist in bucket mode only)
+        k_vals = b * q_under_k - a * p_kl
+        if not self.bucket:
+            g = q.mul_(a * s - b * mass_under)
+            return g.scatter_add_(1, idx, k_vals)  # entries outside K add 0
+        r, r_kl = self.r[rows][:, None], self.r_kl[rows][:, None]
+        tail = log_tail[:, None].exp()
+        under_tail = (tail < r).to(self.cdt)
+        coef = a * (s + r_kl) - b * (mass_under + under_tail * tail)
+        tail_coef = b * under_tail * tail - a * r_kl  # multiplies q_j / Q off K
+        fast = tail >= self.tiny
+        coef_off_k = coef + torch.where(fast, tail_coef / torch.where(fast, tail, 1.0), 0.0)
+        g = q.mul_(coef_off_k)
+        # overwrite the K columns (no cancellation): invalid entries copy their row's first valid value
+        on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k).gather(1, src)
+        g.scatter_(1, idx, on_k)
+        rare = ~fast[:, 0] & (tail_coef[:, 0] != 0)
+        if bool(rare.any()):  # q_j / Q in log space where Q underflows
+            lt = log_tail[rare][:, None]
+            ratio = self._masked_logq(z[rare], idx[rare], has_valid[rare]).sub_(
+                torch.where(torch.isfinite(lt), lt, 0.0)).exp_()
+            g[rare] += tail_coef[rare] * ratio
+        return g
 
 
 def _chunk_rows(n: int, v: int, elem_size: int) -> int:
     budget = min(MAX_BUFFER_BYTES, max(MIN_BUFFER_BYTES, n * v * elem_size // 64))
-    return max(1, min(n, budget // (4 * (v + 1))))
+    return max(1, min(n, budget // (4 * v)))
 
 
 def _row_chunks(valid_rows: Tensor | None, n: int, chunk: int) -> Iterable:
@@ -272,31 +305,38 @@ def _row_chunks(valid_rows: Tensor | None, n: int, chunk: int) -> Iterable:
 
 
 class _KLAlpha(torch.autograd.Function):
-    """Per-position (KL, α) of draft logits [N, V] against a prepared target, chunked both ways."""
+    """Per-position (KL, α) of draft logits [N, V] against a prepared target, chunked both ways.
+
+    Forward keeps nothing of size [N, V]; backward recomputes each chunk and writes its gradient
+    into one tensor the size of the logits.
+    """
 
     @staticmethod
     def forward(ctx, logits, tgt, valid_rows, chunk):  # type: ignore[override]
         n = logits.shape[0]
-        cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        kernel = _sparse_chunk if isinstance(tgt, _SparseRows) else _dense_chunk
-        kl = torch.zeros(n, dtype=cdt, device=logits.device)
-        alpha = torch.zeros(n, dtype=cdt, device=logits.device)
-        with torch.no_grad():
-            for rows in _row_chunks(valid_rows, n, chunk):
-                kl[rows], alpha[rows] = kernel(logits[rows], tgt, rows, None, cdt)
+        kl = torch.zeros(n, dtype=tgt.cdt, device=logits.device)
+        alpha = torch.zeros(n, dtype=tgt.cdt, device=logits.device)
+        aux = None
+        for rows in _row_chunks(valid_rows, n, chunk):
+            kl[rows], alpha[rows], aux_rows = tgt.forward(logits[rows], rows)
+            if aux_rows is not None:
+                aux = torch.zeros(n, dtype=tgt.cdt, device=logits.device) if aux is None else aux
+                aux[rows] = aux_rows
         ctx.save_for_backward(logits)
-        ctx.tgt, ctx.valid_rows, ctx.chunk, ctx.cdt, ctx.kernel = tgt, valid_rows, chunk, cdt, kernel
+        ctx.tgt, ctx.valid_rows, ctx.chunk, ctx.aux = tgt, valid_rows, chunk, aux
         return kl, alpha
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl, grad_alpha):  # type: ignore[override]
         (logits,) = ctx.saved_tensors
-        n = logits.shape[0]
+        tgt, n = ctx.tgt, logits.shape[0]
         grad = torch.empty_like(logits) if ctx.valid_rows is None else torch.zeros_like(logits)
         for rows in _row_chunks(ctx.valid_rows, n, ctx.chunk):
-            coef = (grad_kl[rows].to(ctx.cdt)[:, None], grad_alpha[rows].to(ctx.cdt)[:, None])
-            grad[rows] = ctx.kernel(logits[rows], ctx.tgt, rows, coef, ctx.cdt)
+            a = grad_kl[rows].to(tgt.cdt)[:, None]
+            b = grad_alpha[rows].to(tgt.cdt)[:, None]
+            aux = None if ctx.aux is None else ctx.aux[rows]
+            grad[rows] = tgt.backward(logits[rows], rows, a, b, aux)
         return grad, None, None, None
 
 
@@ -340,10 +380,11 @@ def kl_alpha(
             raise ValueError(f"mask has {mask.numel()} entries, draft logits have {n} positions")
         valid = mask.reshape(n).to(logits.device) != 0
     vocab_map = _check_vocab_map(vocab_map, v_draft, logits.device)
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # fp32 maths for bf16/fp16
     if isinstance(target, DenseTarget):
-        tgt = _DenseRows(target, n, v_draft, vocab_map)
+        tgt = _DenseRows(target, n, v_draft, vocab_map, cdt)
     elif isinstance(target, SparseTarget):
-        tgt = _SparseRows(target, n, v_draft, vocab_map, tail)
+        tgt = _SparseRows(target, n, v_draft, vocab_map, tail, cdt)
     else:
         raise TypeError(f"target must be a DenseTarget or SparseTarget, got {type(target).__name__}")
     valid_rows = None if bool(valid.all()) else valid.nonzero().squeeze(-1)

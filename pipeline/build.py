@@ -1,0 +1,470 @@
+"""The target-pass driver: plan shards, dispatch them to TargetWorker actors on Ray, own the manifest.
+
+The driver tokenizes, plans and records; it never holds a logit. Workers compute top-k, write and
+commit shard files, and return a ShardInfo that the driver records in the manifest. A rerun of the
+same build resumes by skipping committed shards; the finished cache (manifest + shard files) is
+byte-identical to an uninterrupted build. `stats.json` (timings of the last run) is not part of that
+content: it differs between runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 refuses local clusters without it
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pipeline.target_worker import BuildError, Sample, ShardTask, WorkerSpec, aux_layers  # noqa: E402
+
+STATS_NAME = "stats.json"
+MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.chat's loss-mask rules
+FEATURE_NAMES = ("last", "aux")
+DTYPES = ("bf16", "fp32")
+ACTOR_PREFIX = "lkspec-target"
+ACTOR_NAMESPACE = "lkspec"
+MAX_SKIP_EXAMPLES = 20
+
+
+class ConfigError(ValueError):
+    """A build setting is invalid; the message names the setting."""
+
+
+@dataclass
+class BuildConfig:
+    """Everything `lkspec cache build` takes; `validate()` checks it before anything starts."""
+
+    target: str
+    data: str
+    out: Path
+    k: int = 64
+    limit: int | None = None  # number of sequences kept (after skipping invalid rows), in dataset order
+    max_length: int = 1024
+    workers: int = 2
+    dtype: str = "bf16"
+    features: tuple[str, ...] = ()
+    regenerate: bool = False
+    max_new_tokens: int = 256
+    seed: int = 0
+    skip_invalid: bool = False
+    shard_size: int = 64
+    token_budget: int = 8192  # padded tokens per forward batch
+    threads: int | None = None  # torch threads per worker (default: CPUs // workers)
+    address: str | None = None
+    progress: bool = True
+    max_attempts: int = 3  # per shard, counting attempts lost to dead actors
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad setting."""
+        self.out = Path(self.out).expanduser()
+        if isinstance(self.features, str):
+            self.features = parse_features(self.features)
+        checks = [
+            ("target", isinstance(self.target, str) and bool(self.target), "a model alias or path"),
+            ("data", isinstance(self.data, str) and bool(self.data), "a dataset alias or file"),
+            ("k", _int_at_least(self.k, 1), "an integer >= 1"),
+            ("limit", self.limit is None or _int_at_least(self.limit, 1), "an integer >= 1"),
+            ("max_length", _int_at_least(self.max_length, 2), "an integer >= 2"),
+            ("workers", _int_at_least(self.workers, 1), "an integer >= 1"),
+            ("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("features", all(f in FEATURE_NAMES for f in self.features), "none, last, aux or last,aux"),
+            ("max_new_tokens", _int_at_least(self.max_new_tokens, 1), "an integer >= 1"),
+            ("seed", _int_at_least(self.seed, 0), "an integer >= 0"),
+            ("shard_size", _int_at_least(self.shard_size, 1), "an integer >= 1"),
+            ("token_budget", _int_at_least(self.token_budget, 1), "an integer >= 1"),
+            ("threads", self.threads is None or _int_at_least(self.threads, 1), "an integer >= 1"),
+            ("max_attempts", _int_at_least(self.max_attempts, 1), "an integer >= 1"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        self.features = tuple(name for name in FEATURE_NAMES if name in self.features)
+        if self.token_budget < self.max_length:
+            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_length ({self.max_length}) "
+                              "so that the longest sequence fits in a batch")
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"out must be a directory, {self.out} is a file")
+
+    def threads_per_worker(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def _int_at_least(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def parse_features(text: str) -> tuple[str, ...]:
+    """'none' | 'last' | 'aux' | 'last,aux' -> a tuple of feature names."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["none"] or not names:
+        return ()
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise ConfigError(f"features must be none, last, aux or last,aux; got {text!r}")
+    return tuple(n for n in FEATURE_NAMES if n in names)
+
+
+@dataclass
+class BuildOutcome:
+    """What a build produced: the cache directory, whether it already existed complete, the run stats."""
+
+    path: Path
+    key: str
+    reused: bool
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Target:
+    """The resolved target as the driver sees it: identity and shapes, no weights."""
+
+    path: Path
+    identity: dict
+    tokenizer: object
+    tokenizer_sha256: str
+    chat_template_sha256: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+
+
+def build_cache(config: BuildConfig) -> Path:
+    """Build (or resume, or reuse) the cache for `config`; returns the cache directory ROOT/<key>."""
+    return run_build(config).path
+
+
+def run_build(config: BuildConfig, log=None) -> BuildOutcome:
+    """build_cache with the details: whether the cache was reused, and the stats of this run."""
+    from cache import content_key, create_manifest, load_manifest
+
+    log = log or _stderr
+    started = time.perf_counter()
+    config.validate()
+    target = _load_target(config)
+    from pipeline.data import open_dataset
+
+    dataset = open_dataset(config.data)
+    identity = cache_identity(config, target, dataset.identity)
+    key = content_key(identity)
+    cache_dir = config.out / key
+    if (cache_dir / "manifest.json").is_file():
+        manifest = load_manifest(cache_dir)
+        if manifest["complete"]:
+            log(f"reusing cache {key}: {manifest['num_sequences']} sequences, "
+                f"{manifest['num_positions']} positions, already complete in {cache_dir}")
+            return BuildOutcome(cache_dir, key, True, _read_stats(cache_dir))
+
+    plan = plan_samples(dataset, target.tokenizer, config)
+    samples = plan.samples
+    shards = [ShardTask(i, tuple(samples[s:s + config.shard_size]))
+              for i, s in enumerate(range(0, len(samples), config.shard_size))]
+    features = feature_specs(config.features, target)
+    try:
+        manifest = create_manifest(cache_dir, key=key, identity=identity, k=config.k, vocab_size=target.vocab_size,
+                                   tokenizer_sha256=target.tokenizer_sha256, features=features,
+                                   num_shards_planned=len(shards))
+    except OSError as exc:
+        raise _disk_error(exc, cache_dir) from None
+    committed = manifest.committed_indices()
+    pending = [shard for shard in shards if shard.index not in committed]
+    if committed:
+        log(f"resuming cache {key}: {len(committed)} of {len(shards)} shards already committed")
+    spec = WorkerSpec(
+        model_path=str(target.path), dtype=config.dtype, cache_dir=str(cache_dir), k=config.k,
+        vocab_size=target.vocab_size, features=config.features,
+        feature_dims={name: spec["dim"] for name, spec in features.items()},
+        aux_layers=tuple(features.get("aux", {}).get("layers", ())), token_budget=config.token_budget,
+        threads=config.threads_per_worker(), regenerate=config.regenerate,
+        max_new_tokens=config.max_new_tokens, max_length=config.max_length, seed=config.seed,
+    )
+    run = _RunState()
+    if pending:
+        with _ray_session(config):
+            _dispatch(pending, spec, manifest, config, key, run)
+    try:
+        manifest.finalize()
+    except OSError as exc:
+        raise _disk_error(exc, cache_dir) from None
+    plan.skipped.update(run.skipped)
+    stats = _stats(config, manifest, plan, len(shards) - len(pending), run, time.perf_counter() - started)
+    _write_json(cache_dir / STATS_NAME, stats)
+    log(f"built cache {key}: {stats['sequences']} sequences, {stats['positions']} positions, "
+        f"{stats['bytes']['total'] / 2**20:.1f} MiB, {stats['wall_seconds']:.1f} s")
+    return BuildOutcome(cache_dir, key, False, stats)
+
+
+def cache_identity(config: BuildConfig, target: _Target, dataset_identity: dict) -> dict:
+    """Everything that changes the cache's bytes (the content key is its hash)."""
+    return {
+        "target": target.identity,
+        "tokenizer_sha256": target.tokenizer_sha256,
+        "chat_template_sha256": target.chat_template_sha256,
+        "mask_rules": MASK_RULES,
+        "dataset": {**dataset_identity, "limit": config.limit, "order": "file"},
+        "k": config.k,
+        "features": feature_specs(config.features, target),
+        "max_length": config.max_length,
+        "dtype": config.dtype,
+        "generation": ({"regenerate": True, "temperature": 1.0, "max_new_tokens": config.max_new_tokens,
+                        "seed": config.seed} if config.regenerate else {"regenerate": False}),
+        "layout": {"shard_size": config.shard_size, "token_budget": config.token_budget},
+    }
+
+
+def feature_specs(features: tuple[str, ...], target: _Target) -> dict:
+    """Manifest entries of the stored features: dimension and which hidden states they are."""
+    specs = {}
+    if "last" in features:
+        specs["last"] = {"dim": target.hidden_size, "source": "final hidden state (after the final norm)"}
+    if "aux" in features:
+        specs["aux"] = {"dim": 3 * target.hidden_size, "layers": list(aux_layers(target.num_layers)),
+                        "source": "hidden_states[i] = input of decoder layer i, low/mid/high concatenated"}
+    return specs
+
+
+def _load_target(config: BuildConfig) -> _Target:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.chat import chat_template_sha256
+    from pipeline.models import resolve_model, tokenizer_fingerprint
+
+    resolved = resolve_model(config.target)
+    model_config = AutoConfig.from_pretrained(resolved.path)
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    vocab_size = int(text_config.vocab_size)
+    if config.k > vocab_size:
+        raise ConfigError(f"k ({config.k}) is larger than the target's vocabulary ({vocab_size})")
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    return _Target(resolved.path, resolved.identity, tokenizer, tokenizer_fingerprint(tokenizer),
+                   chat_template_sha256(tokenizer), vocab_size, int(text_config.hidden_size),
+                   int(text_config.num_hidden_layers))
+
+
+@dataclass
+class Plan:
+    """The sequences of a build, in dataset order, and what was left out."""
+
+    samples: list[Sample]
+    skipped: Counter  # reason -> rows
+    skip_examples: list[str]  # the first messages, for stats.json
+    truncated: int  # sequences cut to max_length
+
+
+def plan_samples(dataset, tokenizer, config: BuildConfig) -> Plan:
+    """Tokenize conversations in dataset order up to `limit`; invalid rows raise or are skipped and counted."""
+    from pipeline.chat import ChatTemplateError, tokenize_conversation
+    from pipeline.data import DataError, InvalidSampleError
+
+    samples: list[Sample] = []
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    truncated = 0
+    for item in dataset.conversations():
+        if config.limit is not None and len(samples) >= config.limit:
+            break
+        if not isinstance(item, InvalidSampleError):
+            try:
+                tokens = tokenize_conversation(tokenizer, item.messages, config.max_length)
+            except ChatTemplateError as exc:
+                item = InvalidSampleError(item.where, "chat template", str(exc), item.sample_id)
+        if isinstance(item, InvalidSampleError):
+            if not config.skip_invalid:
+                raise DataError(f"{item} (pass --skip-invalid to skip and count such rows)")
+            skipped[item.reason] += 1
+            if len(examples) < MAX_SKIP_EXAMPLES:
+                examples.append(str(item))
+            continue
+        if tokens.num_positions == 0:
+            skipped["no assistant tokens within max length"] += 1
+            continue
+        truncated += tokens.truncated
+        samples.append(Sample(item.sample_id, tokens.input_ids, tokens.loss_mask,
+                              item.messages if config.regenerate else None))
+    if not samples:
+        raise DataError(f"{dataset.spec}: no usable conversation (skipped: {dict(skipped) or 'none'})")
+    return Plan(samples, skipped, examples, truncated)
+
+
+@dataclass
+class _RunState:
+    computed_shards: int = 0
+    tokens: int = 0
+    worker_seconds: float = 0.0
+    worker_restarts: int = 0
+    workers: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+
+@contextmanager
+def _ray_session(config: BuildConfig) -> Iterator[None]:
+    """Use the in-process Ray if there is one, else connect to --address, else start a local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if config.address:
+        ray.init(address=config.address, log_to_driver=False)
+    else:
+        cpus = max(os.cpu_count() or 1, config.workers * config.threads_per_worker())
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_name(key: str, slot: int, generation: int) -> str:
+    """Name of a TargetWorker actor (namespace "lkspec"): findable by tests and operators."""
+    return f"{ACTOR_PREFIX}-{key[:12]}-{os.getpid()}-{slot}-{generation}"
+
+
+def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: BuildConfig, key: str,
+              run: _RunState) -> None:
+    """Run the pending shards on a pool of actors; replace dead actors and redo their shards."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+    from tqdm import tqdm
+
+    from cache import CacheError
+    from pipeline.target_worker import TargetWorker
+
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus < spec.threads:
+        raise BuildError(f"the Ray cluster has {cpus:g} CPUs, a worker needs {spec.threads} (--threads)")
+    workers = min(config.workers, len(pending), max(1, int(cpus // spec.threads)))
+    if workers < config.workers and workers < len(pending):
+        _stderr(f"only {cpus:g} CPUs in the cluster: running {workers} workers of {spec.threads} threads")
+    run.workers = workers
+    remote_worker = ray.remote(TargetWorker)
+    generations = Counter()
+
+    def start(slot: int):
+        name = worker_name(key, slot, generations[slot])
+        generations[slot] += 1
+        return remote_worker.options(num_cpus=spec.threads, name=name, namespace=ACTOR_NAMESPACE,
+                                     max_restarts=0, max_task_retries=0).remote(spec)
+
+    actors = {slot: start(slot) for slot in range(workers)}
+    queue = deque(pending)
+    attempts: Counter = Counter()
+    in_flight: dict = {}  # ObjectRef -> (slot, task)
+    total_tokens = sum(len(s.input_ids) for task in pending for s in task.samples)
+    progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not config.progress,
+                    desc=f"cache {key[:8]}", file=sys.stderr, dynamic_ncols=True)
+    progress.set_postfix_str(f"0/{len(pending)} shards")
+    try:
+        while queue or in_flight:
+            busy = {slot for slot, _ in in_flight.values()}
+            for slot in sorted(set(actors) - busy):
+                if queue:
+                    task = queue.popleft()
+                    in_flight[actors[slot].run_shard.remote(task)] = (slot, task)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            slot, task = in_flight.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except (RayActorError, WorkerCrashedError) as exc:
+                attempts[task.index] += 1
+                run.worker_restarts += 1
+                if attempts[task.index] >= config.max_attempts:
+                    raise BuildError(f"shard {task.index} failed {attempts[task.index]} times because its worker "
+                                     f"died (out of memory?): {_first_line(exc)}") from None
+                _stderr(f"worker {slot} died on shard {task.index}; starting a replacement and redoing it")
+                ray.kill(actors[slot], no_restart=True)
+                actors[slot] = start(slot)
+                queue.appendleft(task)
+                continue
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, (BuildError, CacheError, ValueError, OSError)):
+                    raise BuildError(f"shard {task.index}: {cause}") from None
+                raise BuildError(f"shard {task.index} failed on a worker: {_first_line(exc)}") from None
+            try:
+                manifest.record_shard(result["info"])
+            except OSError as exc:
+                raise _disk_error(exc, manifest.path) from None
+            run.computed_shards += 1
+            run.tokens += result["tokens"]
+            run.worker_seconds += result["seconds"]
+            run.skipped.update(result["skipped"])
+            progress.update(sum(len(s.input_ids) for s in task.samples))
+            progress.set_postfix_str(f"{run.computed_shards}/{len(pending)} shards")
+    finally:
+        progress.close()
+        for actor in actors.values():
+            ray.kill(actor, no_restart=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _disk_error(exc: OSError, where: Path) -> Exception:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return BuildError(f"no space left on the device while writing to {where}: free space and rerun the "
+                          "same command (committed shards are kept; no partial file is ever accepted)")
+    return exc
+
+
+def _stats(config: BuildConfig, manifest, plan: Plan, reused_shards: int, run: _RunState, wall: float) -> dict:
+    """stats.json: what was built and how fast (differs between runs; not part of the cache content)."""
+    shard_bytes: Counter = Counter()
+    for info in manifest.shard_infos():
+        shard_bytes.update(info.bytes)
+    positions = manifest["num_positions"]
+    total_bytes = sum(shard_bytes.values())
+    return {
+        "key": manifest["key"],
+        "target": config.target,
+        "data": config.data,
+        "sequences": manifest["num_sequences"],
+        "positions": positions,
+        "truncated_sequences": plan.truncated,
+        "skipped": {"total": sum(plan.skipped.values()), "reasons": dict(sorted(plan.skipped.items())),
+                    "examples": plan.skip_examples},
+        "bytes": {**dict(sorted(shard_bytes.items())), "total": total_bytes},
+        "bytes_per_position": total_bytes / positions if positions else None,
+        "shards": {"planned": manifest["num_shards_planned"], "computed_this_run": run.computed_shards,
+                   "already_committed": reused_shards},
+        "wall_seconds": round(wall, 3),
+        "tokens_this_run": run.tokens,
+        "tokens_per_second": round(run.tokens / wall, 1) if wall > 0 else None,
+        "worker_seconds": round(run.worker_seconds, 3),
+        "workers": run.workers,
+        "threads_per_worker": config.threads_per_worker(),
+        "worker_restarts": run.worker_restarts,
+        "dtype": config.dtype,
+        "k": config.k,
+        "features": list(config.features),
+    }
+
+
+def _read_stats(cache_dir: Path) -> dict:
+    try:
+        return json.loads((cache_dir / STATS_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    from cache.atomic import atomic_write
+
+    try:
+        atomic_write(path, (json.dumps(value, indent=1, sort_keys=True) + "\n").encode())
+    except OSError as exc:
+        raise _disk_error(exc, path) from None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,309 @@
+"""`lkspec cache build|info|verify|ls|gc`: build the target-logit cache on Ray and manage cache roots."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.cli import CliError
+
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a dead writer
+
+
+def register(subparsers) -> None:
+    """Add `cache` and its sub-commands to the lkspec parser."""
+    cache = subparsers.add_parser(
+        "cache", help="build and manage target-logit caches",
+        description="Run the target once over a dataset on Ray and keep its top-k log-probs in a "
+                    "content-addressed, checksummed cache; inspect, verify, list and garbage-collect caches.",
+    )
+    commands = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    commands.required = True
+
+    build = commands.add_parser(
+        "build", help="run the target over a dataset and write a cache (resumes, reuses)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Tokenize DATA with the target's chat template, run the target teacher-forced on a pool "
+                    "of Ray actors and store the top-k log-probs of every assistant token. The cache "
+                    "directory is OUT/<content key>; the last line printed is its path. A complete cache "
+                    "with the same key is reused; an interrupted build resumes where it stopped.",
+    )
+    build.add_argument("--target", required=True, help="model: smollm2-135m, a Hugging Face directory or a .gguf")
+    build.add_argument("--data", required=True,
+                       help="dataset: sharegpt, alpaca-demo, or a .jsonl/.json/.parquet file of "
+                            "'messages' (OpenAI) or 'conversations' (ShareGPT) rows")
+    build.add_argument("--out", required=True, type=Path, help="cache root; the cache goes to OUT/<key>")
+    build.add_argument("--k", type=int, default=64, help="top-k log-probs kept per trained position")
+    build.add_argument("--limit", type=int, default=None,
+                       help="keep the first N usable conversations (dataset order)")
+    build.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
+    build.add_argument("--workers", type=int, default=2, help="TargetWorker actors")
+    build.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: CPUs/workers]")
+    build.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target weights dtype")
+    build.add_argument("--features", default="none",
+                       help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux")
+    build.add_argument("--regenerate", action="store_true",
+                       help="replace each assistant reply by one sampled from the target at T=1")
+    build.add_argument("--max-new-tokens", type=int, default=None, help="longest regenerated reply [default: 256]")
+    build.add_argument("--seed", type=int, default=0, help="seed of the regenerated replies")
+    build.add_argument("--skip-invalid", action="store_true",
+                       help="skip and count malformed rows instead of stopping at the first")
+    build.add_argument("--shard-size", type=int, default=64, help="sequences per shard (the unit of work)")
+    build.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward batch")
+    build.add_argument("--address", default=None,
+                       help="Ray cluster to use (e.g. 127.0.0.1:6379); default: start a local one")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_build)
+
+    info = commands.add_parser("info", help="describe a cache", description="Describe a cache directory.")
+    info.add_argument("cache_dir", type=Path, metavar="DIR")
+    info.add_argument("--json", action="store_true", help="print the manifest (without shard list) and stats as JSON")
+    info.set_defaults(func=cmd_info)
+
+    verify = commands.add_parser(
+        "verify", help="check every file of a cache (exit 1 on any problem)",
+        description="Check checksums, sizes, schema version, decoding and counts of every shard.",
+    )
+    verify.add_argument("cache_dir", type=Path, metavar="DIR")
+    verify.set_defaults(func=cmd_verify)
+
+    ls = commands.add_parser("ls", help="list the caches under a root", description="List the caches under ROOT.")
+    ls.add_argument("root", type=Path, metavar="ROOT")
+    ls.set_defaults(func=cmd_ls)
+
+    gc = commands.add_parser(
+        "gc", help="remove caches that no run references",
+        description="Remove the complete caches under ROOT that no run references (RUNS/**/run.json with a "
+                    "'cache_key'), incomplete builds untouched for --stale-hours, and stale temporary files.",
+    )
+    gc.add_argument("root", type=Path, metavar="ROOT")
+    gc.add_argument("--runs", type=Path, action="append", default=None,
+                    help="runs directory to scan for run.json (repeatable) [default: ./runs]")
+    gc.add_argument("--stale-hours", type=float, default=24.0,
+                    help="remove incomplete builds untouched for this long")
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    gc.set_defaults(func=cmd_gc)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from pipeline.build import BuildConfig, ConfigError, parse_features
+
+    try:
+        config = BuildConfig(
+            target=args.target, data=args.data, out=args.out, k=args.k, limit=args.limit,
+            max_length=args.max_length, workers=args.workers, dtype=args.dtype,
+            features=parse_features(args.features), regenerate=args.regenerate,
+            max_new_tokens=256 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed, skip_invalid=args.skip_invalid,
+            shard_size=args.shard_size, token_budget=args.token_budget, threads=args.threads,
+            address=args.address, progress=not args.no_progress,
+        )
+        config.validate()
+    except ConfigError as exc:
+        raise CliError(_flag_names(str(exc))) from None
+    if args.max_new_tokens is not None and not args.regenerate:
+        raise CliError("--max-new-tokens only applies with --regenerate")
+    outcome = _run_with_user_errors(config)  # reports reuse / resume / the summary on stdout
+    print(outcome.path)
+    return 0
+
+
+def _run_with_user_errors(config):
+    """run_build with every expected failure turned into a one-line CliError."""
+    from cache import CacheError
+    from pipeline.build import ConfigError, run_build
+    from pipeline.chat import ChatTemplateError
+    from pipeline.data import DataError
+    from pipeline.models import ModelNotFoundError
+    from pipeline.target_worker import BuildError
+
+    try:
+        return run_build(config, log=lambda message: print(message, flush=True))
+    except ConfigError as exc:
+        raise CliError(_flag_names(str(exc))) from None
+    except (ModelNotFoundError, DataError, ChatTemplateError, BuildError, CacheError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _flag_names(message: str) -> str:
+    """ConfigError names dataclass fields; the CLI user knows them as flags."""
+    head, _, tail = message.partition(" ")
+    return f"--{head.replace('_', '-')} {tail}" if head.isidentifier() else message
+
+
+def _open(cache_dir: Path, allow_incomplete: bool = True):
+    from cache import CacheError, open_cache
+
+    try:
+        return open_cache(cache_dir, allow_incomplete=allow_incomplete)
+    except CacheError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _stats(cache_dir: Path) -> dict:
+    try:
+        return json.loads((cache_dir / "stats.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    reader = _open(args.cache_dir)
+    manifest = {name: reader.manifest[name] for name in reader.manifest if name != "shards"}
+    stats = _stats(args.cache_dir)
+    size = sum(sum(info.bytes.values()) for info in reader.manifest.shard_infos())
+    if args.json:
+        print(json.dumps({"path": str(args.cache_dir.resolve()), "manifest": manifest,
+                          "num_shards": len(reader.shard_indices()), "bytes": size, "stats": stats},
+                         indent=1, sort_keys=True))
+        return 0
+    identity = manifest["identity"]
+    rows = [
+        ("key", manifest["key"]),
+        ("status", "complete" if manifest["complete"] else
+         f"INCOMPLETE ({len(reader.shard_indices())} of {manifest['num_shards_planned']} shards)"),
+        ("target", f"{stats.get('target', '?')} (weights sha256 {identity['target'].get('weights_sha256', '?')[:16]})"),
+        ("data", f"{stats.get('data', '?')} ({_describe_dataset(identity['dataset'])})"),
+        ("sequences", manifest["num_sequences"]),
+        ("trained positions", manifest["num_positions"]),
+        ("k", manifest["k"]),
+        ("vocab size", manifest["vocab_size"]),
+        ("max length", identity.get("max_length")),
+        ("dtype", identity.get("dtype")),
+        ("features", ", ".join(f"{n} [{s['dim']}]" for n, s in manifest["features"].items()) or "none"),
+        ("regenerated", "yes" if identity.get("generation", {}).get("regenerate") else "no"),
+        ("shards", f"{len(reader.shard_indices())} ({manifest['num_shards_planned']} planned)"),
+        ("size", f"{size / 2**20:.2f} MiB"
+         + (f" ({size / manifest['num_positions']:.1f} B per trained position)" if manifest["num_positions"] else "")),
+        ("tokenizer sha256", manifest["tokenizer_sha256"]),
+    ]
+    if stats:
+        rows.append(("last build", f"{stats.get('wall_seconds', 0):.1f} s, {stats.get('tokens_per_second') or 0:.0f} tok/s, "
+                                   f"skipped {stats.get('skipped', {}).get('total', 0)} rows, "
+                                   f"{stats.get('truncated_sequences', 0)} truncated"))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def _describe_dataset(dataset: dict) -> str:
+    limit = f", limit {dataset['limit']}" if dataset.get("limit") else ""
+    if dataset.get("kind") == "package":
+        return f"{dataset['package']}=={dataset['version']}{limit}"
+    return f"{dataset.get('format')} sha256 {dataset.get('sha256', '?')[:16]}{limit}"
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    reader = _open(args.cache_dir)
+    started = time.perf_counter()
+    problems = reader.verify()
+    if problems:
+        for problem in problems:
+            print(f"FAIL {problem}")
+        print(f"{args.cache_dir}: {len(problems)} problem(s) found")
+        return 1
+    manifest = reader.manifest
+    print(f"ok: {args.cache_dir}: {len(reader.shard_indices())} shards, {manifest['num_sequences']} sequences, "
+          f"{manifest['num_positions']} positions verified in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _scan(root: Path) -> list[tuple[Path, object]]:
+    """(directory, manifest or the error loading it) for every cache directory under root."""
+    from cache import CacheError, load_manifest
+
+    if not root.is_dir():
+        raise CliError(f"{root} is not a directory")
+    found = []
+    for directory in sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()):
+        try:
+            found.append((directory, load_manifest(directory)))
+        except CacheError as exc:
+            found.append((directory, exc))
+    return found
+
+
+def _dir_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    caches = _scan(args.root)
+    if not caches:
+        print(f"no caches under {args.root}")
+        return 0
+    header = ("KEY", "STATUS", "SEQS", "POSITIONS", "K", "FEATURES", "SIZE", "TARGET", "DATA")
+    rows = []
+    for directory, manifest in caches:
+        if isinstance(manifest, Exception):
+            rows.append((directory.name, "unreadable", "-", "-", "-", "-", f"{_dir_bytes(directory) / 2**20:.1f}M",
+                         "-", str(manifest)[:40]))
+            continue
+        stats = _stats(directory)
+        status = "complete" if manifest["complete"] else (
+            f"partial {len(manifest.committed_indices())}/{manifest['num_shards_planned']}")
+        rows.append((manifest["key"], status, str(manifest["num_sequences"]), str(manifest["num_positions"]),
+                     str(manifest["k"]), ",".join(manifest["features"]) or "-",
+                     f"{_dir_bytes(directory) / 2**20:.1f}M", str(stats.get("target", "?")),
+                     str(stats.get("data", "?"))))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def referenced_keys(runs_dirs: list[Path]) -> set[str]:
+    """Cache keys recorded by runs: every run.json under the runs directories with a 'cache_key'."""
+    keys = set()
+    for runs in runs_dirs:
+        for run_json in sorted(runs.rglob("run.json")):
+            try:
+                record = json.loads(run_json.read_text())
+            except (OSError, ValueError) as exc:
+                raise CliError(f"{run_json}: unreadable run record ({exc}); refusing to collect garbage") from None
+            if isinstance(record, dict) and isinstance(record.get("cache_key"), str):
+                keys.add(record["cache_key"])
+    return keys
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    runs_dirs = args.runs or [Path("runs")]
+    existing = [d for d in runs_dirs if d.is_dir()]
+    if not existing:
+        raise CliError(f"no runs directory found ({', '.join(map(str, runs_dirs))}): without one every cache "
+                       "looks unreferenced; pass --runs DIR")
+    keep = referenced_keys(existing)
+    now = time.time()
+    removals: list[tuple[Path, str]] = []
+    kept = 0
+    for directory, manifest in _scan(args.root):
+        if isinstance(manifest, Exception):
+            print(f"skip {directory.name}: {manifest}")
+            continue
+        age = now - (directory / "manifest.json").stat().st_mtime
+        if manifest["key"] in keep:
+            kept += 1
+        elif manifest["complete"]:
+            removals.append((directory, "complete, no run references it"))
+            continue
+        elif age > args.stale_hours * 3600:
+            removals.append((directory, f"incomplete build untouched for {age / 3600:.1f} h"))
+            continue
+        else:
+            kept += 1
+        for temp in directory.glob(f"{TEMP_PREFIX}*"):
+            if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
+                removals.append((temp, "stale temporary file of a dead writer"))
+    freed = 0
+    for path, reason in removals:
+        size = _dir_bytes(path) if path.is_dir() else path.stat().st_size
+        freed += size
+        print(f"{'would remove' if args.dry_run else 'remove'} {path} ({size / 2**20:.1f} MiB): {reason}")
+        if not args.dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{verb} {freed / 2**20:.1f} MiB; kept {kept} cache(s) ({len(keep)} key(s) referenced by runs)")
+    return 0

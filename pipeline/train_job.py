@@ -1,0 +1,322 @@
+"""Drafter training on Ray Train: resolve and check every run first, then one TorchTrainer per run.
+
+    configs = sweep_configs(TrainConfig(cache=..., out=..., drafter="tiny"), ["kl", "lk_lambda"])
+    run_dirs = train_sweep(configs)          # -> [RUNS/kl-<key>-s0, RUNS/lk_lambda-<key>-s0]
+
+Everything that can be wrong with a run (flag values, the cache, tokenizer / vocabulary mismatch,
+the target, an existing run directory) fails in `plan_run` on the driver, before any worker starts.
+All runs of a sweep read the same cache directory; nothing rebuilds or rewrites it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
+from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
+from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
+
+
+class TrainingError(RuntimeError):
+    """A training run failed on the cluster (the message carries the worker's error)."""
+
+
+def sweep_configs(base: TrainConfig, losses: list[str]) -> list[TrainConfig]:
+    """One config per loss (a sweep); an explicit run name gets the loss appended when there are several."""
+    if not losses:
+        raise ConfigError(f"{flag('loss')} needs at least one loss")
+    if len(set(losses)) != len(losses):
+        raise ConfigError(f"{flag('loss')} lists a loss twice: {','.join(losses)}")
+    configs = []
+    for loss in losses:
+        name = base.run_name
+        if name is not None and len(losses) > 1:
+            name = f"{name}-{loss}"
+        config = replace(base, loss=loss, run_name=name)
+        config.validate()
+        configs.append(config)
+    return configs
+
+
+def default_run_name(config: TrainConfig, cache_key: str) -> str:
+    """<loss>-<first 8 digits of the cache key>-s<seed>."""
+    return f"{config.loss}-{cache_key[:8]}-s{config.seed}"
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Validate one run against its cache, drafter and target and resolve everything workers need."""
+    from cache import CacheMismatchError, open_cache
+    from pipeline.models import resolve_model, tokenizer_fingerprint
+    from trainer.drafters import resolve_drafter_spec
+
+    config.validate()
+    cache_path = Path(config.cache).expanduser().resolve()
+    reader = open_cache(cache_path)
+    manifest = reader.manifest
+    key, vocab_size = manifest["key"], manifest["vocab_size"]
+    if manifest["num_sequences"] == 0:
+        raise DataError(f"cache {cache_path} is empty (0 sequences): nothing to train on")
+
+    identity = manifest["identity"]
+    target_path = None
+    if config.target is not None:
+        target_path = resolve_model(config.target)
+        recorded = identity.get("target") if isinstance(identity.get("target"), dict) else None
+        if recorded and recorded.get("weights_sha256") not in (None, target_path.identity.get("weights_sha256")):
+            raise CacheMismatchError(
+                f"cache {key} was built from target weights {recorded['weights_sha256'][:16]}…, --target "
+                f"{config.target} has weights {target_path.identity.get('weights_sha256', '?')[:16]}…")
+        target_path = str(target_path.path)
+    elif isinstance(identity.get("target_path"), str) and Path(identity["target_path"]).is_dir():
+        target_path = identity["target_path"]
+    needs_target = config.target_source == "online" or config.init_embeddings_from == "target"
+    if needs_target and target_path is None:
+        why = "--target-source online" if config.target_source == "online" else "--init-embeddings-from target"
+        raise ConfigError(f"{why} needs the target model: pass --target MODEL "
+                          f"(the cache manifest records no usable target_path)")
+
+    drafter_is_dir = Path(config.drafter).expanduser().is_dir()
+    tokenizer_dir = str(Path(config.drafter).expanduser().resolve()) if drafter_is_dir else target_path
+    if tokenizer_dir is None:
+        raise ConfigError(f"{flag('drafter')} {config.drafter} is built from a config: pass --target MODEL "
+                          "so its tokenizer can be checked and saved (the cache manifest records no target_path)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {tokenizer_dir}: {exc}") from exc
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != manifest["tokenizer_sha256"]:
+        raise CacheMismatchError(f"cache {key} was built with tokenizer sha256 {manifest['tokenizer_sha256']}, "
+                                 f"the drafter's tokenizer ({tokenizer_dir}) has {fingerprint}")
+
+    init_embeddings = None
+    max_positions = 2048
+    if target_path is not None:
+        target_config = AutoConfig.from_pretrained(target_path)
+        max_positions = int(getattr(target_config, "max_position_embeddings", max_positions) or max_positions)
+        if config.target_source == "online" and target_config.vocab_size != vocab_size:
+            raise CacheMismatchError(f"cache {key} has vocabulary size {vocab_size}, the online target "
+                                     f"{target_path} has {target_config.vocab_size}")
+        if config.init_embeddings_from == "target":
+            init_embeddings = (target_path, int(target_config.hidden_size))
+    index = scan_index(reader)
+    max_positions = max([max_positions] + [e.num_tokens for e in index])
+    spec = resolve_drafter_spec(
+        config.drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
+        token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        init_embeddings=init_embeddings)
+    columns: list[str] = []  # independent drafters read no feature column
+    reader.check_compatible(requires_features=columns)
+
+    split = heldout_split(index, config.heldout_fraction, config.eval_sequences)
+    if split.num_train < config.workers:
+        raise DataError(f"cache {key} has {split.num_train} training sequences for {config.workers} workers "
+                        f"({flag('workers')}): each worker needs at least one")
+    total_steps = config.steps if config.steps is not None else _steps_for_epochs(config, index, split)
+
+    run_name = config.run_name or default_run_name(config, key)
+    run_dir = Path(config.out).expanduser().resolve() / run_name
+    plan = RunPlan(
+        config=config, run_dir=str(run_dir), cache_path=str(cache_path), cache_key=key, vocab_size=vocab_size,
+        k=manifest["k"], tokenizer_sha256=manifest["tokenizer_sha256"], tokenizer_dir=str(tokenizer_dir),
+        drafter=spec.to_dict(), total_steps=total_steps, heldout_threshold=split.heldout_threshold,
+        num_train_sequences=split.num_train, num_heldout_sequences=split.num_heldout, eval_ids=split.eval_ids,
+        eval_shards={str(shard): ids for shard, ids in split.eval_shards.items()},
+        target_path=target_path if config.target_source == "online" else None, columns=columns,
+    )
+    _check_run_dir(plan)
+    return plan
+
+
+def _steps_for_epochs(config: TrainConfig, index, split) -> int:
+    """Optimizer steps for --epochs E: enough for every worker to see its share E times."""
+    whole, fraction = int(config.epochs), config.epochs - int(config.epochs)
+    longest = 0.0
+    for rank in range(config.workers):
+        spec = LoaderSpec(rank=rank, world_size=config.workers, seed=config.seed, batch_tokens=config.batch_tokens,
+                          heldout_threshold=split.heldout_threshold, pool_sequences=config.pool_sequences)
+        counts = [count_epoch_batches(index, spec, epoch) for epoch in range(whole + (fraction > 0))]
+        longest = max(longest, sum(counts[:whole]) + (fraction * counts[whole] if fraction else 0.0))
+    return max(1, math.ceil(longest))
+
+
+def _check_run_dir(plan: RunPlan) -> None:
+    """Refuse to overwrite a run; on --resume refuse a config that changes what is computed."""
+    run_dir = Path(plan.run_dir)
+    existing = read_run(run_dir)
+    if existing is None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not plan.config.resume:
+            raise ConfigError(f"{run_dir} exists and is not empty; choose another {flag('run_name')}")
+        return
+    if not plan.config.resume:
+        raise ConfigError(f"{run_dir} already holds a run ({existing.get('status', '?')}); pass --resume to "
+                          f"continue it or choose another {flag('run_name')}")
+    before = existing.get("config", {})
+    now = plan.config.to_dict()
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"{flag(k)} {before.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise ConfigError(f"--resume of {run_dir} with different settings ({details}); "
+                          "a resumed run must compute exactly what the original would have")
+    if existing.get("cache", {}).get("key") != plan.cache_key:
+        raise ConfigError(f"--resume of {run_dir}: it trained on cache {existing.get('cache', {}).get('key')}, "
+                          f"{flag('cache')} is {plan.cache_key}")
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), or start a local one; no-op if connected."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def train_sweep(configs: list[TrainConfig], *, address: str | None = None, progress: bool = True) -> list[Path]:
+    """Plan every run (all checks before Ray), then train them one after the other; return the run dirs."""
+    plans = [plan_run(config) for config in configs]
+    dirs = [plan.run_dir for plan in plans]
+    if len(set(dirs)) != len(dirs):
+        raise ConfigError(f"two runs of the sweep would share a directory: {sorted(dirs)}")
+    connect_ray(address)
+    return [train_run(plan, progress=progress) for plan in plans]
+
+
+def train_run(plan: RunPlan, *, progress: bool = True) -> Path:
+    """Train one planned run on the connected Ray cluster with a TorchTrainer; return its directory."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_loop_per_worker
+
+    run_dir = Path(plan.run_dir)
+    existing = read_run(run_dir)
+    if plan.config.resume and existing and existing.get("status") == "done":
+        _say(f"{run_dir.name}: already done ({existing.get('steps_done')} steps), nothing to resume")
+        return run_dir
+    config = plan.config
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= config.workers
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / PLAN_JSON, plan.to_dict())
+    update_run(
+        run_dir, name=run_dir.name, status="running", loss=config.loss, run_dir=str(run_dir),
+        cache={"path": plan.cache_path, "key": plan.cache_key, "k": plan.k},
+        drafter=plan.drafter, target_source=config.target_source, tail=config.tail, total_steps=plan.total_steps,
+        config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
+        heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
+                 "num_train": plan.num_train_sequences, "eval_sequences": len(plan.eval_ids)},
+        started=time.time(), error=None,
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    start_step = max((r.get("step", 0) for r in iter_metrics(run_dir / METRICS)), default=0) if config.resume else 0
+    watcher = _ProgressBar(run_dir, plan, start_step) if progress else None
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's exception; keep its message
+        message = f"{type(exc).__name__}: {exc}"
+        update_run(run_dir, status="failed", error=message[-2000:])
+        raise TrainingError(f"run {run_dir.name} failed: {message.strip().splitlines()[-1][:500]}") from exc
+    finally:
+        if watcher:
+            watcher.stop()
+    run = read_run(run_dir) or {}
+    if run.get("status") not in ("done", "stopped"):
+        update_run(run_dir, status="failed", error="the workers exited without finishing the run")
+        raise TrainingError(f"run {run_dir.name}: the workers exited without finishing the run")
+    return run_dir
+
+
+class _ProgressBar:
+    """A driver-side tqdm bar fed by tailing the run's metrics.jsonl (written by rank 0)."""
+
+    def __init__(self, run_dir: Path, plan: RunPlan, start_step: int):
+        self.path = run_dir / METRICS
+        self.total = min(plan.total_steps, plan.config.stop_after or plan.total_steps)
+        self.start_step = start_step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(run_dir.name,), daemon=True)
+        self._thread.start()
+
+    def _run(self, name: str) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total, initial=self.start_step, desc=name, unit="step", file=sys.stderr,
+                   dynamic_ncols=True)
+        shown = self.start_step
+        last_eval: dict[str, Any] | None = None
+        while True:
+            stopping = self._stop.wait(0.5)
+            records = [r for r in iter_metrics(self.path) if r.get("step", 0) > shown]
+            for record in records:
+                last_eval = record.get("eval", last_eval)
+                postfix = {"loss": f"{record['loss']:.4f}", "alpha": f"{record['alpha'][0]:.3f}",
+                           "tok/s": f"{record['tokens_per_s']:.0f}"}
+                if last_eval:
+                    postfix["heldout_tau"] = f"{last_eval['tau']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(record["step"] - shown)
+                shown = record["step"]
+            if stopping:
+                break
+        bar.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run under runs_dir (sorted by name) with its status and headline metrics."""
+    rows = []
+    for run_dir in sorted(Path(runs_dir).expanduser().iterdir()) if Path(runs_dir).expanduser().is_dir() else []:
+        run = read_run(run_dir)
+        if run is None:
+            continue
+        final = run.get("final") or {}
+        train, heldout = final.get("train") or {}, final.get("eval") or {}
+        best = run.get("best") or {}
+        rows.append({
+            "name": run_dir.name,
+            "status": run.get("status"),
+            "loss": run.get("loss"),
+            "tail": run.get("tail"),
+            "target": run.get("target_source"),
+            "drafter": (run.get("drafter") or {}).get("label"),
+            "cache": (run.get("cache") or {}).get("key"),
+            "steps": f"{run.get('steps_done', 0) or 0}/{run.get('total_steps', '?')}",
+            "train_loss": train.get("loss"),
+            "train_alpha": (train.get("alpha") or [None])[0],
+            "heldout_alpha": (heldout.get("alpha") or [None])[0],
+            "heldout_tau": heldout.get("tau"),
+            "best_tau": best.get("tau"),
+            "best_step": best.get("step"),
+            "tokens_per_s": train.get("tokens_per_s"),
+            "path": str(run_dir),
+        })
+    return rows

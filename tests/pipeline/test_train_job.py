@@ -1,0 +1,210 @@
+"""`lkspec train` end to end on a local Ray cluster with real DeepSpeed (CPU, gloo), plus the driver's refusals."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache import CacheMismatchError
+from pipeline.cli import main
+from pipeline.train_job import list_runs, plan_run, sweep_configs, train_sweep
+from trainer.config import ConfigError, TrainConfig
+from trainer.data import DataError
+from trainer.rundir import read_metrics, read_run
+
+# The tiny-cache builder lives with the trainer tests; load it as a plain module.
+_spec = importlib.util.spec_from_file_location("trainer_cache_helpers",
+                                               Path(__file__).parents[1] / "trainer" / "conftest.py")
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+TINY_DRAFTER = {"layers": 1, "hidden": 64, "heads": 2, "kv_heads": 2, "intermediate": 128}
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    return helpers.make_tiny_target(tiny_llama_dir, tmp_path_factory.mktemp("target"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, target_dir) -> Path:
+    return helpers.build_cache(tmp_path_factory.mktemp("caches"), target_dir, helpers.random_sequences(48))
+
+
+def _config(cache, out, **overrides) -> TrainConfig:
+    values = dict(cache=str(cache), out=str(out), drafter="tiny", drafter_config=TINY_DRAFTER, workers=2, zero=2,
+                  lr=3e-3, warmup=2, batch_tokens=192, steps=6, eval_every=3, checkpoint_every=0,
+                  eval_sequences=8, heldout_fraction=0.1, seed=0)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------- refusals (no Ray)
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-tokens", "0"], "--batch-tokens must be an integer >= 2"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--loss", "kl,nope"], "--loss must be one of kl, tv, lk_alpha, lk_lambda, got 'nope'"),
+    (["--loss", "kl,kl"], "--loss lists a loss twice"),
+    (["--drafter-config", "layers=two"], "--drafter-config layers must be a number"),
+    (["--drafter-config", "depth=3"], "--drafter-config: bad item 'depth=3'"),
+    (["--heldout-fraction", "0.9"], "--heldout-fraction must be a finite number > 0 and <= 0.5"),
+    (["--workers", "0"], "--workers must be an integer >= 1"),
+    (["--run-name", "../x"], "--run-name must be a plain directory name"),
+])
+def test_bad_flag_values_fail_before_ray_naming_the_flag(tmp_path, capsys, argv, message):
+    code = main(["train", "--cache", str(tmp_path), "--out", str(tmp_path / "runs"), *argv])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_is_refused_naming_both(tmp_path, target_dir):
+    cache = helpers.build_cache(tmp_path, target_dir, helpers.random_sequences(8, seed=1), num_shards=1,
+                                tokenizer_sha256="0" * 64)
+    with pytest.raises(CacheMismatchError, match="tokenizer sha256 0{64}, the drafter's tokenizer .* has [0-9a-f]{64}"):
+        plan_run(_config(cache, tmp_path / "runs"))
+
+
+def test_vocabulary_mismatch_is_refused_naming_both(tmp_path, cache_dir, target_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    drafter_dir = tmp_path / "small-vocab-drafter"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(drafter_dir)
+    AutoTokenizer.from_pretrained(target_dir).save_pretrained(drafter_dir)
+    with pytest.raises(CacheMismatchError, match="vocabulary size 49152, drafter .* has vocab_size 1000"):
+        plan_run(_config(cache_dir, tmp_path / "runs", drafter=str(drafter_dir), drafter_config={}))
+
+
+def test_empty_cache_is_refused(tmp_path, target_dir):
+    cache = helpers.build_cache(tmp_path, target_dir, [], num_shards=1)
+    with pytest.raises(DataError, match="is empty"):
+        plan_run(_config(cache, tmp_path / "runs"))
+
+
+def test_too_many_workers_for_the_cache_is_refused(tmp_path, cache_dir):
+    with pytest.raises(DataError, match="training sequences for 100 workers"):
+        plan_run(_config(cache_dir, tmp_path / "runs", workers=100))
+
+
+def test_epochs_become_steps_and_run_names_follow_the_loss(tmp_path, cache_dir):
+    configs = sweep_configs(_config(cache_dir, tmp_path, steps=None, epochs=2.0), ["kl", "lk_lambda"])
+    plans = [plan_run(c) for c in configs]
+    key = plans[0].cache_key
+    assert [Path(p.run_dir).name for p in plans] == [f"kl-{key[:8]}-s0", f"lk_lambda-{key[:8]}-s0"]
+    one_epoch = plan_run(_config(cache_dir, tmp_path, steps=None, epochs=1.0)).total_steps
+    assert plans[0].total_steps >= 2 * one_epoch - 1 and one_epoch >= 3  # ~21 sequences per worker, ~7 per batch
+    named = sweep_configs(_config(cache_dir, tmp_path, run_name="ablation"), ["kl", "tv"])
+    assert [c.run_name for c in named] == ["ablation-kl", "ablation-tv"]
+
+
+def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir):
+    plan = plan_run(_config(cache_dir, tmp_path))
+    Path(plan.run_dir).mkdir(parents=True)
+    (Path(plan.run_dir) / "run.json").write_text(json.dumps({"status": "stopped", "config": plan.config.to_dict(),
+                                                              "cache": {"key": plan.cache_key}}))
+    with pytest.raises(ConfigError, match="already holds a run .*pass --resume"):
+        plan_run(_config(cache_dir, tmp_path))
+    with pytest.raises(ConfigError, match=r"different settings \(--lr 0.003 -> 0.001\)"):
+        plan_run(_config(cache_dir, tmp_path, resume=True, lr=1e-3))
+    assert plan_run(_config(cache_dir, tmp_path, resume=True, stop_after=3)).run_dir == plan.run_dir
+
+
+def test_online_target_must_be_the_cache_target(tmp_path, cache_dir, tiny_llama_dir):
+    with pytest.raises(CacheMismatchError, match="was built from target weights"):
+        plan_run(_config(cache_dir, tmp_path, target_source="online", target=str(tiny_llama_dir)))
+
+
+# -------------------------------------------------------------------- training on Ray (slow)
+@pytest.fixture(scope="module")
+def zero2_run(ray_address, cache_dir, tmp_path_factory) -> Path:
+    """Two workers, ZeRO-2, 24 steps of KL."""
+    out = tmp_path_factory.mktemp("runs")
+    [run_dir] = train_sweep([_config(cache_dir, out, steps=24, eval_every=8, checkpoint_every=12)], progress=False)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_two_workers_zero2_loss_falls(zero2_run):
+    metrics = read_metrics(zero2_run)
+    assert [m["step"] for m in metrics] == list(range(1, 25))
+    losses = [m["loss"] for m in metrics]
+    assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.5, losses
+    assert all(0.0 <= m["alpha"][0] <= 1.0 and m["tokens_per_s"] > 0 and m["tau"] >= 1.0 for m in metrics)
+    assert metrics[0]["lr"] < metrics[1]["lr"] == pytest.approx(3e-3)  # warm-up, then cosine decay
+    assert metrics[-1]["lr"] < metrics[5]["lr"]
+    evals = [m for m in metrics if "eval" in m]
+    assert [m["step"] for m in evals] == [8, 16, 24]
+    run = read_run(zero2_run)
+    assert run["status"] == "done" and run["world_size"] == 2 and run["zero"] == 2
+    assert run["best"]["tau"] == max(m["eval"]["tau"] for m in evals)
+    assert (zero2_run / "best" / "config.json").is_file()
+    assert any((zero2_run / "tb").iterdir())
+    tags = sorted(p.name for p in (zero2_run / "checkpoints").iterdir() if p.is_dir())
+    assert tags == ["step-00000012", "step-00000024"]
+
+
+@pytest.mark.slow
+def test_exported_drafter_reloads_with_the_trained_logits(zero2_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    probe = load_file(str(zero2_run / "export_probe.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(zero2_run / "model").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.reshape(-1, model.config.vocab_size)
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    assert read_run(zero2_run)["export_check"]["max_abs_diff"] < 1e-4
+    assert AutoTokenizer.from_pretrained(zero2_run / "model").vocab_size > 0
+    assert list((zero2_run / "model").glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_runs_lists_the_run(zero2_run, capsys):
+    assert main(["runs", str(zero2_run.parent)]) == 0
+    table = capsys.readouterr().out
+    assert zero2_run.name in table and "done" in table and "24/24" in table
+    [row] = list_runs(zero2_run.parent)
+    assert row["heldout_tau"] >= 1.0 and row["loss"] == "kl"
+
+
+@pytest.mark.slow
+def test_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_address, cache_dir, tmp_path):
+    before = _snapshot(cache_dir)
+    configs = sweep_configs(_config(cache_dir, tmp_path, zero=1, steps=4, eval_every=0), ["lk_lambda", "lk_alpha"])
+    run_dirs = train_sweep(configs, progress=False)
+    assert _snapshot(cache_dir) == before
+    runs = [read_run(d) for d in run_dirs]
+    assert [r["loss"] for r in runs] == ["lk_lambda", "lk_alpha"]
+    assert {r["cache"]["key"] for r in runs} == {cache_dir.name} and all(r["status"] == "done" for r in runs)
+    lam = [m["lam"][0] for m in read_metrics(run_dirs[0])]
+    assert all(0 < x <= 1 for x in lam)
+    assert all(m["lam"] is None for m in read_metrics(run_dirs[1]))
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_logs_the_same_losses_zero3(ray_address, cache_dir, tmp_path):
+    common = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
+    [full] = train_sweep([_config(cache_dir, tmp_path, run_name="full", **common)], progress=False)
+    [part] = train_sweep([_config(cache_dir, tmp_path, run_name="part", stop_after=5, **common)], progress=False)
+    assert read_run(part)["status"] == "stopped" and len(read_metrics(part)) == 5
+    # As if killed after logging step 5 but before its checkpoint: resume from step 4, redo step 5.
+    checkpoints = part / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000005"
+    (checkpoints / "latest").write_text("step-00000004")
+    [part] = train_sweep([_config(cache_dir, tmp_path, run_name="part", resume=True, **common)], progress=False)
+    full_losses = [m["loss"] for m in read_metrics(full)]
+    part_losses = [m["loss"] for m in read_metrics(part)]
+    assert len(part_losses) == 8
+    np.testing.assert_allclose(part_losses, full_losses, rtol=1e-5, atol=1e-6)
+    assert read_run(part)["status"] == "done"
+    assert read_run(part)["best"]["tau"] == pytest.approx(read_run(full)["best"]["tau"], rel=1e-5)

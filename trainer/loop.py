@@ -1,0 +1,339 @@
+"""The training recipe each data-parallel worker runs (DeepSpeed ZeRO; launched by pipeline.train_job).
+
+    plan -> drafter -> deepspeed.initialize -> [resume] -> for each step:
+        batch (prefetched) -> draft logits per step -> loss vs target (cache top-k | online target)
+        -> backward, step -> metrics (all-reduced) -> [held-out eval, best export] -> [checkpoint]
+    -> final export (model/) and run.json
+
+Held-out expected τ: for one draft step it is the chain estimate 1 + Σ_{k≤K} ᾱ^k with ᾱ the
+held-out mean acceptance and K = tau_draft_len (7); drafters with n steps use ᾱ_1..ᾱ_n and repeat
+ᾱ_n up to K. Held-out α is reported with the cache's tail as one bucket ("alpha", exact for the
+coarsened distributions, an upper bound of the true α) and with the tail dropped ("alpha_lower").
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from cache import open_cache
+from trainer.checkpoint import CHECKPOINTS_DIR, export_drafter, load_checkpoint, save_checkpoint
+from trainer.config import RunPlan, TrainConfig
+from trainer.data import Batch, BatchStream, DataPosition, LoaderSpec, eval_batches
+from trainer.drafters import DraftStep, DrafterSpec, build_drafter
+from trainer.losses import DenseTarget, SparseTarget, combine_steps, compute_loss, expected_tau, kl_alpha
+from trainer.rundir import MetricsLogger, update_run
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXPORT_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}  # max |Δlogit| between the trained module and its export
+
+
+class ExportError(RuntimeError):
+    """The exported drafter does not reproduce the trained module's logits."""
+
+
+# ------------------------------------------------------------------------------- components
+def deepspeed_config(config: TrainConfig, dtype: str) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ZeRO stage, AdamW (torch implementation), clipping, precision."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # one token-budget batch per worker and step
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": config.lr, "betas": [config.adam_beta1, config.adam_beta2], "eps": 1e-8,
+            "weight_decay": config.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": config.zero},
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def warmup_cosine(total_steps: int, warmup: int):
+    """LR multiplier of optimizer step s (0-based): linear warm-up to 1 over `warmup` steps, then cosine to 0."""
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return multiplier
+
+
+def tau_from_alphas(alphas: list[float], draft_len: int) -> float:
+    """Expected acceptance length at K = draft_len from per-step mean α (the last step's α repeated)."""
+    if not alphas:
+        return 1.0
+    chain = (list(alphas) + [alphas[-1]] * draft_len)[:draft_len]
+    return expected_tau(chain)
+
+
+def select_rows(target: DenseTarget | SparseTarget, rows: Tensor | None):
+    """The target restricted to one draft step's rows (all rows when None)."""
+    if rows is None:
+        return target
+    if isinstance(target, SparseTarget):
+        return SparseTarget(target.ids[rows], target.logprobs[rows])
+    return DenseTarget(logits=target.logits[rows])
+
+
+class TargetSource:
+    """Targets of a batch: the cached top-k (`cache`) or the target model's full distribution (`online`)."""
+
+    def __init__(self, source: str, target_path: str | None, dtype: str, device: torch.device):
+        self.model = None
+        if source == "online":
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(
+                target_path, dtype=TORCH_DTYPES[dtype], trust_remote_code=False).to(device).eval()
+            self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> DenseTarget | SparseTarget:
+        if self.model is None:
+            return SparseTarget(batch.topk_ids, batch.topk_logprobs)
+        hidden = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          use_cache=False).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[batch.target_batch, batch.target_pos])  # [N, V]
+        return DenseTarget(logits=logits)
+
+
+def _all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _dummy_batch(k: int, feature_dims: dict[str, int], columns) -> Batch:
+    """A 2-token batch for ranks with no held-out data: ZeRO-3 needs every rank in every forward."""
+    return Batch(input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
+                 target_batch=torch.zeros(1, dtype=torch.long), target_pos=torch.zeros(1, dtype=torch.long),
+                 topk_ids=torch.arange(k, dtype=torch.long)[None], topk_logprobs=torch.full((1, k), -math.log(k)),
+                 sample_ids=[], features={c: torch.zeros(1, 2, feature_dims[c]) for c in columns})
+
+
+def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, config: TrainConfig,
+             device) -> dict[str, Any]:
+    """Collective: held-out α (tail bucket / dropped), KL and expected τ over every rank's share."""
+    num_batches = int(_all_reduce([len(batches)], device, dist.ReduceOp.MAX)[0])
+    vocab_map = getattr(engine.module, "vocab_map", None)
+    num_steps = engine.module.num_steps
+    sums = [0.0] * (3 * num_steps + 1)  # α (bucket), α (drop), KL per step; positions
+    engine.eval()
+    with torch.no_grad():
+        for i in range(num_batches):
+            batch = (batches[i] if i < len(batches) else dummy).to(device)
+            steps: list[DraftStep] = engine(batch.model_inputs())
+            if i >= len(batches):
+                continue
+            target = targets(batch)
+            for n, step in enumerate(steps):
+                step_target = select_rows(target, step.rows)
+                kl, alpha, _ = kl_alpha(step.logits, step_target, tail="bucket", vocab_map=vocab_map)
+                sums[n] += float(alpha.sum())
+                sums[2 * num_steps + n] += float(kl.sum())
+                if isinstance(step_target, SparseTarget):
+                    _, alpha, _ = kl_alpha(step.logits, step_target, tail="drop", vocab_map=vocab_map)
+                sums[num_steps + n] += float(alpha.sum())
+            sums[-1] += steps[0].logits.shape[0]
+    engine.train()
+    sums = _all_reduce(sums, device)
+    positions = max(sums[-1], 1.0)
+    alpha = [s / positions for s in sums[:num_steps]]
+    alpha_lower = [s / positions for s in sums[num_steps:2 * num_steps]]
+    return {
+        "alpha": alpha,
+        "alpha_lower": alpha_lower,
+        "kl": [s / positions for s in sums[2 * num_steps:3 * num_steps]],
+        "tau": tau_from_alphas(alpha, config.tau_draft_len),
+        "tau_lower": tau_from_alphas(alpha_lower, config.tau_draft_len),
+        "positions": int(sums[-1]),
+    }
+
+
+def probe_inputs(vocab_size: int, seed: int) -> Batch:
+    """A fixed random 2×16 batch scoring every position: compares the trained module with its export."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (2, 16), generator=generator)
+    rows_b, rows_t = torch.meshgrid(torch.arange(2), torch.arange(16), indexing="ij")
+    return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), target_batch=rows_b.reshape(-1),
+                 target_pos=rows_t.reshape(-1), topk_ids=torch.zeros(32, 1, dtype=torch.long),
+                 topk_logprobs=torch.zeros(32, 1), sample_ids=[])
+
+
+def check_export(engine, model_dir: Path, plan: RunPlan, dtype: str, device) -> dict[str, Any]:
+    """Collective: reload the export with AutoModelForCausalLM and compare its logits with the trained module's."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    probe = probe_inputs(plan.vocab_size, plan.config.seed)
+    engine.eval()
+    with torch.no_grad():
+        trained = engine(probe.to(device).model_inputs())[0].logits.float().cpu()  # [32, V]
+    engine.train()
+    result: dict[str, Any] = {}
+    if dist.get_rank() == 0:
+        reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype]).eval()
+        with torch.no_grad():
+            logits = reloaded(input_ids=probe.input_ids).logits.float().reshape(-1, trained.shape[-1])
+        diff = float((logits - trained).abs().max())
+        save_file({"input_ids": probe.input_ids.contiguous(), "logits": trained.contiguous()},
+                  str(Path(plan.run_dir) / "export_probe.safetensors"))
+        result = {"max_abs_diff": diff, "tolerance": EXPORT_TOLERANCE[dtype]}
+        if not diff <= EXPORT_TOLERANCE[dtype]:
+            raise ExportError(f"{model_dir} reloads with logits {diff:.3g} away from the trained module")
+    dist.barrier()
+    return result
+
+
+# ---------------------------------------------------------------------------------- the recipe
+def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
+    """Ray Train entry point: run the plan on this worker, report the summary, leave cleanly."""
+    import ray.train
+
+    context = ray.train.get_context()
+    try:
+        summary = run_worker(RunPlan.from_dict(plan_dict), rank=context.get_world_rank(),
+                             world_size=context.get_world_size())
+        ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+    finally:
+        # gloo workers abort at interpreter exit ("terminate called without an active exception")
+        # unless the process group is gone first.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
+    """Train (or resume) the planned run on this rank of an initialized process group."""
+    import deepspeed
+
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    config = plan.config
+    run_dir = Path(plan.run_dir)
+    started = time.time()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_world_size() != world_size or dist.get_rank() != rank:
+        raise RuntimeError(f"process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
+                           f"expected {rank} of {world_size}")
+
+    dtype = config.resolved_dtype(torch.cuda.is_available())
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    reader = open_cache(plan.cache_path)
+    drafter = build_drafter(DrafterSpec.from_dict(plan.drafter))
+    schedule = warmup_cosine(plan.total_steps, config.warmup)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=drafter,
+        model_parameters=[p for p in drafter.parameters() if p.requires_grad],
+        config=deepspeed_config(config, dtype),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    device = engine.device
+    targets = TargetSource(config.target_source, plan.target_path, dtype, device)
+
+    checkpoint_dir = run_dir / CHECKPOINTS_DIR
+    restored = load_checkpoint(engine, checkpoint_dir) if config.resume else None
+    start = restored.step if restored else 0
+    state = dict(restored.client_state) if restored else {}
+    best, last_eval, last_train = state.get("best"), state.get("last_eval"), state.get("last_train")
+
+    spec = LoaderSpec(rank=rank, world_size=world_size, seed=config.seed, batch_tokens=config.batch_tokens,
+                      heldout_threshold=plan.heldout_threshold, pool_sequences=config.pool_sequences,
+                      columns=tuple(plan.columns))
+    held_out = eval_batches(reader, spec, plan.eval_shards, plan.eval_ids)
+    feature_dims = {name: spec_["dim"] for name, spec_ in reader.manifest["features"].items()}
+    dummy = _dummy_batch(plan.k, feature_dims, plan.columns)
+    stream = BatchStream(reader, spec, restored.position if restored else DataPosition(), config.prefetch_batches)
+    logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
+    stop = min(plan.total_steps, config.stop_after or plan.total_steps)
+    vocab_map = getattr(drafter, "vocab_map", None)
+    num_steps = drafter.num_steps
+    try:
+        engine.train()
+        for step in range(start + 1, stop + 1):
+            began = time.perf_counter()
+            batch = next(stream)
+            data_wait = time.perf_counter() - began
+            batch = batch.to(device)
+            draft_steps: list[DraftStep] = engine(batch.model_inputs())
+            target = targets(batch)
+            results = [compute_loss(config.loss, s.logits, select_rows(target, s.rows), eta=config.eta,
+                                    tail=config.tail, vocab_map=vocab_map) for s in draft_steps]
+            loss = results[0].loss if len(results) == 1 else combine_steps(results)
+            engine.backward(loss)
+            lr = float(scheduler.get_last_lr()[0])
+            engine.step()
+            elapsed = time.perf_counter() - began
+
+            local = [float(loss.detach()) * float(results[0].n_valid), float(results[0].n_valid),
+                     float(batch.num_tokens)]
+            local += [float(r.alpha_mean) * float(r.n_valid) for r in results]
+            local += [float(r.kl_mean) * float(r.n_valid) for r in results]
+            local += [float(r.n_valid) for r in results]
+            local += [float(r.lam) if r.lam is not None else 0.0 for r in results]
+            summed = _all_reduce(local, device)
+            slowest, slowest_wait = _all_reduce([elapsed, data_wait], device, dist.ReduceOp.MAX)
+            alpha_sums, kl_sums, counts, lams = (summed[3 + i * num_steps:3 + (i + 1) * num_steps]
+                                                 for i in range(4))
+            alpha = [a / max(c, 1.0) for a, c in zip(alpha_sums, counts)]
+            record: dict[str, Any] = {
+                "step": step,
+                "epoch": stream.position.epoch,
+                "loss": summed[0] / max(summed[1], 1.0),
+                "alpha": alpha,
+                "kl": [x / max(c, 1.0) for x, c in zip(kl_sums, counts)],
+                "lam": [x / world_size for x in lams] if config.loss == "lk_lambda" else None,
+                "tau": tau_from_alphas(alpha, config.tau_draft_len),
+                "lr": lr,
+                "tokens": int(summed[2]),
+                "targets": int(summed[1]),
+                "tokens_per_s": summed[2] / slowest,
+                "step_time_s": slowest,
+                "data_wait_s": slowest_wait,
+                "time": time.time(),
+            }
+            last_train = {k: v for k, v in record.items() if k != "time"}
+            if (config.eval_every and step % config.eval_every == 0) or step == plan.total_steps:
+                last_eval = evaluate(engine, held_out, dummy, targets, config, device)
+                record["eval"] = last_eval
+                if best is None or last_eval["tau"] > best["tau"]:
+                    best = {"step": step, **last_eval}
+                    export_drafter(engine, run_dir / "best", plan.tokenizer_dir)
+            logger.log(record)
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == stop:
+                save_checkpoint(engine, checkpoint_dir, step=step, position=stream.position,
+                                client_state={"best": best, "last_eval": last_eval, "last_train": last_train},
+                                keep=config.keep_checkpoints)
+    finally:
+        stream.close()
+        logger.close()
+
+    finished = stop == plan.total_steps
+    export_check = None
+    if finished:
+        export_drafter(engine, run_dir / "model", plan.tokenizer_dir)
+        export_check = check_export(engine, run_dir / "model", plan, dtype, device)
+    summary = {
+        "status": "done" if finished else "stopped",
+        "steps_done": stop,
+        "loss": last_train["loss"] if last_train else None,
+        "tau": last_eval["tau"] if last_eval else None,
+        "best_tau": best["tau"] if best else None,
+        "best_step": best["step"] if best else None,
+    }
+    if rank == 0:
+        update_run(run_dir, status=summary["status"], steps_done=stop,
+                   final={"train": last_train, "eval": last_eval}, best=best,
+                   model_dir=str(run_dir / "model") if finished else None,
+                   best_dir=str(run_dir / "best") if best else None,
+                   export_check=export_check, finished=time.time(), dtype=dtype,
+                   worker_wall_time_s=time.time() - started)
+    dist.barrier()
+    return summary

@@ -1,0 +1,122 @@
+"""A run directory: its layout, run.json, and the per-step metrics log (metrics.jsonl + TensorBoard).
+
+    RUNS/<name>/run.json         what was trained on what, status, final and best metrics
+    RUNS/<name>/plan.json        the resolved plan the workers ran (config included)
+    RUNS/<name>/metrics.jsonl    one JSON object per optimizer step (rank 0)
+    RUNS/<name>/tb/              TensorBoard events
+    RUNS/<name>/checkpoints/     DeepSpeed checkpoints (see trainer.checkpoint)
+    RUNS/<name>/model/           the final drafter: AutoModelForCausalLM.from_pretrained(...) loads it
+    RUNS/<name>/best/            the drafter with the best held-out expected τ
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+RUN_JSON = "run.json"
+PLAN_JSON = "plan.json"
+METRICS = "metrics.jsonl"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1, sort_keys=True, allow_nan=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_run(run_dir: Path) -> dict[str, Any] | None:
+    """run.json of a run directory, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(run_dir) / RUN_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def update_run(path: Path, /, **fields: Any) -> dict[str, Any]:
+    """Merge fields into run.json (created if absent) and return the result."""
+    data = read_run(path) or {}
+    data.update(fields)
+    write_json(Path(path) / RUN_JSON, data)
+    return data
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line of metrics.jsonl, in order."""
+    return list(iter_metrics(Path(run_dir) / METRICS))
+
+
+def iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            return  # a torn last line (the writer was killed mid-write)
+
+
+class MetricsLogger:
+    """Rank 0's per-step log: one JSON line per step in metrics.jsonl, scalars to TensorBoard.
+
+    Resuming at step s first drops any line after s (written after the checkpoint the run resumes
+    from), so the log always reads as one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        path = run_dir / METRICS
+        kept = [r for r in iter_metrics(path) if r.get("step", 0) <= resume_step]
+        tmp = path.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for key, value in _scalars(record):
+            self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tensorboard.close()
+
+
+def _scalars(record: dict[str, Any], prefix: str = "train/") -> Iterator[tuple[str, float]]:
+    for key, value in record.items():
+        if key in ("step", "time"):
+            continue
+        if isinstance(value, dict):
+            yield from _scalars(value, prefix=f"{key}/")
+        elif isinstance(value, list):
+            for n, item in enumerate(value, start=1):
+                if isinstance(item, (int, float)):
+                    yield f"{prefix}{key}/step{n}", float(item)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"{prefix}{key}", float(value)
