@@ -49,7 +49,7 @@ def iter_core(data: bytes, file_name: str, *, k: int, vocab_size: int) -> Iterat
     sample_ids, num_tokens, num_positions = _row_fields(batch, "num_positions")
     columns = {name: binary_column(batch, name) for name in CORE_COLUMNS}
     for i, sample_id in enumerate(sample_ids):
-        row = {name: data[offsets[i]:offsets[i + 1]] for name, (offsets, data) in columns.items()}
+        row = {name: values[offsets[i]:offsets[i + 1]] for name, (offsets, values) in columns.items()}
         tokens, positions = int(num_tokens[i]), int(num_positions[i])
         try:
             record = SequenceRecord(

@@ -42,13 +42,14 @@ def speculative_generate(
     prompt_len = tokens.numel()
     target_cache = DynamicCache(config=target.config)
     draft_cache = DynamicCache(config=drafter.config) if drafter is not None else None
+    vocab = target.get_input_embeddings().num_embeddings  # drafts must be ids the target can read
     stats = new_stats(k)
 
     with torch.inference_mode():
         while tokens.numel() - prompt_len < max_new_tokens:
             # Never draft past max_new_tokens: a step yields at most k_step + 1 tokens.
             k_step = min(k, max_new_tokens - (tokens.numel() - prompt_len) - 1)
-            drafts, draft_probs = draft(drafter, draft_cache, tokens, k_step, temperature, generator)
+            drafts, draft_probs = draft(drafter, draft_cache, tokens, k_step, temperature, generator, vocab)
 
             # One target forward scores the last committed token and every draft: [k_step + 1, V].
             rollback(target_cache, tokens.numel() - 1)
@@ -75,15 +76,19 @@ def speculative_generate(
 
 # --- the drafter: everything a drafter does lives in draft() and rollback() -------------------
 
-def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, generator):
-    """Draft k tokens after `tokens` (chain drafting); returns drafts [k] and their distributions [k, V]."""
+def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, generator, vocab: int):
+    """Draft k tokens after `tokens` (chain drafting); returns drafts [k] and their distributions [k, V].
+
+    The drafter proposes from its distribution over the first `vocab` ids (the target's vocabulary);
+    any proposal distribution keeps the output exact.
+    """
     if k == 0:
         return torch.empty(0, dtype=torch.long), None
     rollback(cache, tokens.numel() - 1)
     inputs = tokens[cache_length(cache):]  # what the drafter has not seen yet (>= 1 token)
     drafts, draft_probs = [], []
     for _ in range(k):
-        q = to_probs(forward(drafter, inputs, cache, 1), temperature)  # [1, V]
+        q = to_probs(forward(drafter, inputs, cache, 1)[:, :vocab], temperature)  # [1, V]
         inputs = torch.multinomial(q, 1, generator=generator)[0]
         drafts.append(inputs)
         draft_probs.append(q)

@@ -164,8 +164,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("key", manifest["key"]),
         ("status", "complete" if manifest["complete"] else
          f"INCOMPLETE ({len(reader.shard_indices())} of {manifest['num_shards_planned']} shards)"),
-        ("target", f"{stats.get('target', '?')} (weights sha256 {identity['target'].get('weights_sha256', '?')[:16]})"),
-        ("data", f"{stats.get('data', '?')} ({_describe_dataset(identity['dataset'])})"),
+        ("target", f"{stats.get('target', '?')} (weights sha256 "
+                   f"{identity.get('target', {}).get('weights_sha256', '?')[:16]})"),
+        ("data", f"{stats.get('data', '?')} ({_describe_dataset(identity.get('dataset', {}))})"),
         ("sequences", manifest["num_sequences"]),
         ("trained positions", manifest["num_positions"]),
         ("k", manifest["k"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import inspect
 import os
 import time
 from dataclasses import dataclass, field
@@ -158,12 +159,13 @@ def sample_reply(model, prompt_ids: list[int], *, max_new_tokens: int, stop_ids:
     import torch
 
     reply: list[int] = []
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
     step_ids = torch.tensor([prompt_ids], dtype=torch.long)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            outputs = model(input_ids=step_ids, past_key_values=past, use_cache=True)
-            past = outputs.past_key_values
+            outputs = model(input_ids=step_ids, use_cache=True, **{cache_name: past})
+            past = outputs[cache_name]  # transformers >= 5.2x renamed past_key_values to cache
             probs = torch.softmax(outputs.logits[0, -1].float(), dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
             if token in stop_ids:

@@ -236,6 +236,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
     )
     device = engine.device
+    timings = {"setup_s": time.time() - started}
     targets = TargetSource(config.target_source, plan.target_path, dtype, device)
 
     checkpoint_dir = run_dir / CHECKPOINTS_DIR
@@ -255,6 +256,8 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     vocab_map = getattr(drafter, "vocab_map", None)
     num_steps = drafter.num_steps
+    timings["data_setup_s"] = time.time() - started - timings["setup_s"]
+    loop_started = time.time()
     try:
         engine.train()
         for step in range(start + 1, stop + 1):
@@ -315,11 +318,14 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         stream.close()
         logger.close()
 
+    timings["loop_s"] = time.time() - loop_started
     finished = stop == plan.total_steps
     export_check = None
     if finished:
+        export_started = time.time()
         export_drafter(engine, run_dir / "model", plan.tokenizer_dir)
         export_check = check_export(engine, run_dir / "model", plan, dtype, device)
+        timings["export_s"] = time.time() - export_started
     summary = {
         "status": "done" if finished else "stopped",
         "steps_done": stop,
@@ -334,6 +340,6 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
                    model_dir=str(run_dir / "model") if finished else None,
                    best_dir=str(run_dir / "best") if best else None,
                    export_check=export_check, finished=time.time(), dtype=dtype,
-                   worker_wall_time_s=time.time() - started)
+                   worker_wall_time_s=time.time() - started, worker_timings=timings)
     dist.barrier()
     return summary

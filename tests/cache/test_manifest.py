@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from conftest import IDENTITY, K, VOCAB, accepted_files, build_cache, shard_records
+from cache_builders import IDENTITY, K, VOCAB, accepted_files, build_cache, shard_records
 
 import cache.keys
 from cache import (CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError, CacheWriter,

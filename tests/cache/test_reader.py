@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import IDENTITY, K, VOCAB, build_cache, shard_records
+from cache_builders import IDENTITY, K, VOCAB, build_cache, shard_records
 
 import cache.schema
 from cache import (FORMAT_VERSION, CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIMS, K, VOCAB, accepted_files, shard_records
+from cache_builders import DIMS, K, VOCAB, accepted_files, shard_records
 
 from cache import CacheError, CacheWriter, SequenceRecord
 
@@ -28,7 +28,7 @@ def test_same_records_give_identical_files(tmp_path):
 
 def test_identical_files_across_processes(tmp_path):
     """No uninitialised memory or per-process state leaks into the bytes."""
-    script = ("import sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]; from conftest import *; "
+    script = ("import sys; sys.path[:0] = [sys.argv[2], sys.argv[3]]; from cache_builders import *; "
               "from cache import CacheWriter; "
               "CacheWriter(sys.argv[1], k=K, vocab_size=VOCAB, features=('last',), feature_dims=DIMS)"
               ".write_shard(0, shard_records(0, features=('last',)))")

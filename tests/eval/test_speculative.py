@@ -1,0 +1,235 @@
+"""The speculative decoder is lossless: greedy-identical at T = 0, target-distributed at T > 0."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import eval.speculative as spec
+from eval.speculative import accept, merge_stats, speculative_generate
+
+
+def tiny_llama(seed: int, vocab: int, *, hidden: int = 32, layers: int = 2, init: float = 0.02,
+               tied: bool = True) -> LlamaForCausalLM:
+    """A random-weight Llama small enough to decode thousands of tokens per second."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        initializer_range=init, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Target (vocab 256) and drafters from perfect to useless, one with a wider (padded) vocabulary."""
+    torch.set_num_threads(1)
+    target = tiny_llama(0, 256, init=0.2, tied=False)
+    close = tiny_llama(0, 256, init=0.2, tied=False)
+    with torch.no_grad():
+        for param in close.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    drafters = {
+        "self": target,
+        "close": close,
+        "random": tiny_llama(1, 256, init=0.2, tied=False),
+        "wider-vocab": tiny_llama(2, 264, init=0.2, tied=False),
+    }
+    return target, drafters
+
+
+PROMPTS = [[5, 17, 42], [200, 3, 3, 3, 9, 81, 7], [11]]
+
+
+def greedy_reference(target, prompt: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
+    out = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
+                          eos_token_id=eos, pad_token_id=0, attention_mask=torch.ones(1, len(prompt)))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("drafter_name", ["self", "close", "random", "wider-vocab"])
+def test_greedy_output_equals_target_greedy(pair, drafter_name, k):
+    target, drafters = pair
+    for prompt in PROMPTS:
+        expected = greedy_reference(target, prompt, 24, eos=None)
+        output, stats = speculative_generate(target, drafters[drafter_name], torch.tensor(prompt), k=k,
+                                             temperature=0.0, max_new_tokens=24)
+        assert output.tolist() == expected, (drafter_name, k, prompt)
+        assert output.dtype == torch.long and output.dim() == 1
+        assert stats["new_tokens"] == 24
+        assert stats["tau"] == pytest.approx(24 / stats["target_forwards"])
+        assert stats["accepted"] + stats["target_forwards"] == 24  # every forward adds one target token
+
+
+def test_drafter_quality_shows_in_acceptance(pair):
+    target, drafters = pair
+    taus = {}
+    for name in ("self", "close", "random"):
+        _, stats = speculative_generate(target, drafters[name], torch.tensor(PROMPTS[1]), k=3,
+                                        temperature=0.0, max_new_tokens=40)
+        taus[name] = stats["tau"]
+    assert taus["self"] == 4.0 and taus["self"] > taus["close"] > taus["random"] >= 1.0
+
+
+def test_perfect_drafter_statistics(pair):
+    target, _ = pair
+    _, stats = speculative_generate(target, target, torch.tensor(PROMPTS[0]), k=3, temperature=0.0,
+                                    max_new_tokens=12)
+    assert stats["target_forwards"] == 3 and stats["tau"] == 4.0
+    assert stats["accepted_by_position"] == stats["reached_by_position"] == [3, 3, 3]
+    assert stats["expected_tau"] == pytest.approx(4.0)  # alpha = 1 at every position
+    assert stats["drafted"] == stats["accepted"] == 9
+
+
+def test_baseline_is_the_same_path_with_no_drafter(pair):
+    target, drafters = pair
+    expected = greedy_reference(target, PROMPTS[1], 10, eos=None)
+    for drafter, k in ((None, 7), (drafters["close"], 0)):
+        output, stats = speculative_generate(target, drafter, torch.tensor(PROMPTS[1]), k=k,
+                                             temperature=0.0, max_new_tokens=10)
+        assert output.tolist() == expected
+        assert stats["target_forwards"] == 10 and stats["tau"] == 1.0 and stats["drafted"] == 0
+
+
+def test_stops_at_eos_inclusive_and_never_exceeds_max_new_tokens(pair):
+    target, drafters = pair
+    free_run = greedy_reference(target, PROMPTS[0], 30, eos=None)
+    eos = free_run[6]
+    cut = free_run.index(eos) + 1
+    assert greedy_reference(target, PROMPTS[0], 30, eos=eos) == free_run[:cut]
+    for name, k in itertools.product(("self", "close", "random"), (1, 3, 7)):
+        output, _ = speculative_generate(target, drafters[name], torch.tensor(PROMPTS[0]), k=k,
+                                         temperature=0.0, max_new_tokens=30, eos_token_id=[eos, 9999])
+        assert output.tolist() == free_run[:cut], (name, k)
+        for limit in (1, 2, 5):
+            output, stats = speculative_generate(target, drafters[name], torch.tensor(PROMPTS[0]), k=k,
+                                                 temperature=1.0, max_new_tokens=limit,
+                                                 generator=torch.Generator().manual_seed(limit))
+            assert output.numel() <= limit and stats["drafted"] <= (limit - 1) * k
+
+
+def test_refuses_negative_temperature_or_k(pair):
+    target, _ = pair
+    with pytest.raises(ValueError, match="temperature"):
+        speculative_generate(target, target, torch.tensor([1, 2]), k=2, temperature=-0.5, max_new_tokens=2)
+    with pytest.raises(ValueError, match="k must be"):
+        speculative_generate(target, target, torch.tensor([1, 2]), k=-1, temperature=0.0, max_new_tokens=2)
+
+
+def test_merge_stats_sums_counters(pair):
+    target, drafters = pair
+    runs = [speculative_generate(target, drafters["close"], torch.tensor(p), k=3, temperature=0.0,
+                                 max_new_tokens=16)[1] for p in PROMPTS]
+    merged = merge_stats(runs)
+    assert merged["new_tokens"] == 48
+    assert merged["target_forwards"] == sum(r["target_forwards"] for r in runs)
+    assert merged["tau"] == pytest.approx(48 / merged["target_forwards"])
+    assert merged["reached_by_position"] == [sum(c) for c in zip(*(r["reached_by_position"] for r in runs))]
+
+
+# --- exactness of the sampling rule at T > 0 ----------------------------------------------------
+
+def _pooled_chisquare(observed: np.ndarray, expected_probs: np.ndarray) -> float:
+    """Chi-square p-value, pooling cells with expected count < 5 into one (impossible cells must be empty)."""
+    expected = expected_probs * observed.sum()
+    assert observed[expected == 0].sum() == 0
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    small = expected < 5
+    if small.any():
+        observed = np.append(observed[~small], observed[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    return chisquare(observed, expected).pvalue
+
+
+def _accept_rule_outputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """First token emitted by accept() after a draft from q, n times (k = 1); returns counts and p."""
+    generator = torch.Generator().manual_seed(seed)
+    p = torch.tensor([[0.5, 0.05, 0.25, 0.0, 0.2], [0.1, 0.2, 0.3, 0.2, 0.2]])
+    q = torch.tensor([[0.1, 0.4, 0.1, 0.3, 0.1]])
+    counts = np.zeros(5)
+    for _ in range(n):
+        draft = torch.multinomial(q[0], 1, generator=generator)
+        n_accepted, token = accept(p, q, draft, generator)
+        counts[int(draft) if n_accepted else int(token)] += 1
+    return counts, p[0].numpy()
+
+
+def test_accept_rule_emits_the_target_distribution():
+    counts, p = _accept_rule_outputs(4000, seed=0)
+    assert counts[3] == 0  # a token the target never emits is never accepted
+    assert _pooled_chisquare(counts, p) > 1e-3
+
+
+def test_accept_rule_with_a_wrong_residual_is_caught(monkeypatch):
+    monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)
+    counts, p = _accept_rule_outputs(4000, seed=0)
+    assert _pooled_chisquare(counts, p) < 1e-6
+
+
+VOCAB, PROMPT, STEPS = 8, [3, 5, 2], 3
+
+
+@pytest.fixture(scope="module")
+def small_vocab_pair():
+    """Target and drafter over an 8-token vocabulary, far apart (alpha about 0.4)."""
+    torch.set_num_threads(1)
+    target = tiny_llama(0, VOCAB, hidden=16, layers=1, init=0.3, tied=False)
+    drafter = tiny_llama(1, VOCAB, hidden=16, layers=1, init=0.3, tied=False)
+    return target, drafter
+
+
+def exact_joint(target, temperature: float) -> dict[tuple, float]:
+    """P(first STEPS tokens) under the target's own sampling, by enumerating every prefix."""
+    joint = {(): 1.0}
+    with torch.no_grad():
+        for _ in range(STEPS):
+            grown = {}
+            for prefix, prob in joint.items():
+                logits = target(torch.tensor([PROMPT + list(prefix)])).logits[0, -1].double()
+                probs = torch.softmax(logits / temperature, -1).tolist()
+                grown.update({prefix + (v,): prob * probs[v] for v in range(VOCAB)})
+            joint = grown
+    return joint
+
+
+def sample_outputs(target, drafter, n: int, temperature: float, k: int) -> list[tuple]:
+    generator = torch.Generator().manual_seed(1234)
+    return [tuple(speculative_generate(target, drafter, torch.tensor(PROMPT), k=k, temperature=temperature,
+                                       max_new_tokens=STEPS, generator=generator)[0].tolist())
+            for _ in range(n)]
+
+
+def distribution_pvalues(samples: list[tuple], joint: dict[tuple, float]) -> list[float]:
+    """Chi-square p-values: joint of tokens 1-2, and the marginal of token 3 (after a rollback)."""
+    first_two, third = np.zeros(VOCAB * VOCAB), np.zeros(VOCAB)
+    for (a, b, c), prob in joint.items():
+        first_two[a * VOCAB + b] += prob
+        third[c] += prob
+    observed_two = np.bincount([a * VOCAB + b for a, b, _ in samples], minlength=VOCAB * VOCAB)
+    observed_third = np.bincount([c for _, _, c in samples], minlength=VOCAB)
+    return [_pooled_chisquare(observed_two, first_two), _pooled_chisquare(observed_third, third)]
+
+
+def test_sampling_matches_the_target_distribution(small_vocab_pair):
+    target, drafter = small_vocab_pair
+    samples = sample_outputs(target, drafter, 1500, temperature=1.0, k=2)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0))) > 1e-3
+
+
+def test_a_wrong_residual_fails_the_distribution_test(small_vocab_pair, monkeypatch):
+    target, drafter = small_vocab_pair
+    monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)  # resample from p: biased
+    samples = sample_outputs(target, drafter, 600, temperature=1.0, k=2)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0))) < 1e-6
+
+
+def test_sampling_at_low_temperature_matches(small_vocab_pair):
+    target, drafter = small_vocab_pair
+    samples = sample_outputs(target, drafter, 600, temperature=0.5, k=3)
+    assert min(distribution_pvalues(samples, exact_joint(target, 0.5))) > 1e-3

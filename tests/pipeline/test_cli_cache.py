@@ -1,0 +1,116 @@
+"""`lkspec cache ls|gc|info|build` on caches written with the cache library (no Ray, no model run)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cache import CacheWriter, content_key, create_manifest
+from cache.synthetic import synthetic_records
+from pipeline.cli import main
+
+
+def make_cache(root: Path, name: str, *, complete: bool = True) -> Path:
+    """A small real cache (2 shards planned) under root; the second shard only when complete."""
+    identity = {"test": name}
+    key = content_key(identity)
+    directory = root / key
+    manifest = create_manifest(directory, key=key, identity=identity, k=4, vocab_size=1000, tokenizer_sha256="t" * 64,
+                               features={}, num_shards_planned=2)
+    writer = CacheWriter(directory, k=4, vocab_size=1000)
+    for index in range(2 if complete else 1):
+        records = synthetic_records(3, vocab_size=1000, k=4, seed=index, id_prefix=f"{name}-{index}", length=(8, 16))
+        manifest.record_shard(writer.write_shard(index, records))
+    if complete:
+        manifest.finalize()
+    return directory
+
+
+def age(path: Path, hours: float) -> None:
+    past = time.time() - hours * 3600
+    os.utime(path, (past, past))
+
+
+def test_ls_lists_every_cache_with_its_status(tmp_path, capsys):
+    done = make_cache(tmp_path, "a")
+    partial = make_cache(tmp_path, "b", complete=False)
+    assert main(["cache", "ls", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["KEY", "STATUS", "SEQS", "POSITIONS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[done.name][1:3] == ["complete", "6"] and rows[partial.name][1:3] == ["partial", "1/2"]
+
+
+def test_gc_removes_unreferenced_and_stale_caches_and_dead_temp_files(tmp_path, capsys):
+    root, runs = tmp_path / "caches", tmp_path / "runs"
+    used = make_cache(root, "used")
+    unused = make_cache(root, "unused")
+    fresh_partial = make_cache(root, "building", complete=False)
+    stale_partial = make_cache(root, "abandoned", complete=False)
+    age(stale_partial / "manifest.json", 48)
+    dead_temp = used / ".tmp-shard-00009.arrow.123.abcd"
+    dead_temp.write_bytes(b"torn")
+    age(dead_temp, 2)
+    live_temp = fresh_partial / ".tmp-shard-00001.arrow.456.ef01"
+    live_temp.write_bytes(b"being written")
+    (runs / "sweep" / "kl").mkdir(parents=True)
+    (runs / "sweep" / "kl" / "run.json").write_text(json.dumps({"cache_key": used.name}))
+
+    assert main(["cache", "gc", str(root), "--runs", str(runs), "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out and unused.exists() and stale_partial.exists()
+
+    assert main(["cache", "gc", str(root), "--runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == sorted([used.name, fresh_partial.name])
+    assert not dead_temp.exists() and live_temp.exists()
+    assert "no run references it" in out and "untouched for" in out and "stale temporary file" in out
+    assert main(["cache", "verify", str(used)]) == 0
+
+
+def test_gc_refuses_to_run_without_a_runs_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_cache(tmp_path / "caches", "a")
+    assert main(["cache", "gc", str(tmp_path / "caches")]) == 2
+    assert "no runs directory" in capsys.readouterr().err and len(list((tmp_path / "caches").iterdir())) == 1
+
+
+def test_verify_and_info_report_an_incomplete_cache(tmp_path, capsys):
+    partial = make_cache(tmp_path, "b", complete=False)
+    assert main(["cache", "verify", str(partial)]) == 1
+    assert "incomplete: 1 of 2" in capsys.readouterr().out
+    assert main(["cache", "info", str(partial)]) == 0
+    assert "INCOMPLETE (1 of 2 shards)" in capsys.readouterr().out
+    assert main(["cache", "info", str(tmp_path)]) == 2
+    assert "not a cache directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--k", "0"], "--k must be an integer >= 1"),
+    (["--features", "mid"], "features must be none, last, aux"),
+    (["--max-new-tokens", "5"], "--max-new-tokens only applies with --regenerate"),
+    (["--data", "no-such-data.jsonl"], "dataset 'no-such-data.jsonl' not found"),
+])
+def test_build_refuses_bad_arguments_before_starting_ray(tmp_path, capsys, tiny_llama_dir, argv, message):
+    import ray
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    base = {"--target": str(tiny_llama_dir), "--data": str(data), "--out": str(tmp_path / "out")}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    was_running = ray.is_initialized()
+    assert main(["cache", "build", *[x for pair in base.items() for x in pair]]) == 2
+    assert message in capsys.readouterr().err
+    assert ray.is_initialized() == was_running and not (tmp_path / "out").exists()
+
+
+def test_build_refuses_k_larger_than_the_vocabulary(tmp_path, capsys, tiny_llama_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    argv = ["cache", "build", "--target", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "out"),
+            "--k", "50000"]
+    assert main(argv) == 2
+    assert "k (50000) is larger than the target's vocabulary (49152)" in capsys.readouterr().err
