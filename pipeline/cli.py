@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "pipeline.cli_cache",
     "pipeline.cli_submit",
     "pipeline.cli_train",
+    "pipeline.cli_demo",
 )
 
 
