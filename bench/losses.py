@@ -6,8 +6,10 @@
 Each case runs in a fresh subprocess so that measurements do not leak into each other.
 
 Time: every loss of a case runs in the same process, interleaved round by round (KL, TV, LK^α,
-LK^λ, ...), after one warm-up; the median forward+backward wall time over --repeats rounds is
-divided by KL's median from the same rounds.
+LK^λ, ...), after one warm-up; the median forward+backward time over --repeats rounds is divided
+by KL's median from the same rounds. On CUDA that is synchronized wall time; on CPU it is the
+process's CPU time (`time.process_time`), which other jobs on a shared machine disturb far less
+than wall time (both are recorded).
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated()` after a reset, minus the memory allocated
 before the call. On CPU, the process's resident-set high-water mark (VmHWM): the inputs (draft
@@ -90,18 +92,21 @@ def _rss_kib(field: str) -> int:
 def child_time(args) -> dict:
     logits, target = _inputs(args.v, args.n, args.target, args.k, args.dtype, args.device)
     names = list(args.losses)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
         order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate: no fixed position
         for name in order:
             logits.grad = None
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             _step(name, logits, target, args.tail)
             _sync(args.device)
             if rnd:
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
+            for name in names}
 
 
 def child_memory(args) -> dict:
@@ -151,7 +156,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="draft/target logits dtype")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--no-reference", action="store_true", help="skip the unchunked torch KL row")
+    ap.add_argument("--reference-max-gib", type=float, default=8.0,
+                    help="skip the torch KL row where it would need more than this (≈10× the logits)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "losses.json"))
     # child-process arguments
@@ -162,20 +170,30 @@ def main() -> None:
     ap.add_argument("--losses", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         result = child_time(args) if args.child == "time" else child_memory(args)
         print(json.dumps(result))
         return
 
-    names = list(LOSSES) + ([] if args.no_reference else ["torch_kl"])
+    # On CPU the ratios use the process's CPU time (robust to other load on the machine); on CUDA
+    # the synchronized wall time.
+    basis = "wall_s" if args.device == "cuda" else "cpu_s"
     rows = []
     for v in args.vocab:
         for target in args.targets:
+            names = list(LOSSES)
+            ref_gib = 10 * args.n * v * (2 if args.dtype == "bf16" else 4) / 2**30  # ≈10× the logits
+            if not args.no_reference and ref_gib <= args.reference_max_gib:
+                names.append("torch_kl")
             common = dict(v=v, n=args.n, target=target, k=args.k, tail=args.tail, dtype=args.dtype,
-                          device=args.device)
+                          device=args.device, threads=args.threads)
             times = _run_child("time", losses=names, repeats=args.repeats, **common)
             for name in names:
                 row = {"vocab": v, "n": args.n, "target": target if target == "dense" else f"top-{args.k}",
-                       "loss": name, "time_s": times[name], "time_vs_kl": times[name] / times["kl"]}
+                       "loss": name, **times[name], "time_vs_kl": times[name][basis] / times["kl"][basis]}
                 if not args.no_memory:
                     mem = _run_child("memory", loss=name, **common)
                     row.update(extra_bytes=mem["extra_bytes"], logits_bytes=mem["logits_bytes"],
@@ -184,7 +202,8 @@ def main() -> None:
                 print(_fmt(row), flush=True)
 
     meta = {"device": args.device, "dtype": args.dtype, "tail": args.tail, "repeats": args.repeats,
-            "torch_threads": _threads(), "cpu_count": os.cpu_count(),
+            "time_basis": basis,
+            "torch_threads": args.threads or _threads(), "cpu_count": os.cpu_count(),
             "memory_method": "cuda max_memory_allocated" if args.device == "cuda"
             else "VmHWM - VmRSS after clear_refs=5, one subprocess per (case, loss)"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -208,16 +227,17 @@ def _threads() -> int:
 
 def _fmt(row: dict) -> str:
     mem = f"  mem {row['mem_vs_logits']:.3f}×" if "mem_vs_logits" in row else ""
-    return (f"V={row['vocab']:>6} {row['target']:>6} {row['loss']:>9}: {row['time_s']:.3f}s "
-            f"({row['time_vs_kl']:.3f}× KL){mem}")
+    return (f"V={row['vocab']:>6} {row['target']:>6} {row['loss']:>9}: wall {row['wall_s']:.3f}s "
+            f"cpu {row['cpu_s']:.3f}s ({row['time_vs_kl']:.3f}× KL){mem}")
 
 
 def _table(rows: list[dict]) -> str:
-    head = "| V | target | loss | fwd+bwd s | ÷ KL time | extra mem ÷ logits |\n|---|---|---|---|---|---|"
+    head = ("| V | target | loss | fwd+bwd wall s | fwd+bwd CPU s | time ÷ KL | extra mem ÷ logits |\n"
+            "|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         mem = f"{r['mem_vs_logits']:.3f}" if "mem_vs_logits" in r else "–"
-        lines.append(f"| {r['vocab']} | {r['target']} | {r['loss']} | {r['time_s']:.3f} | "
+        lines.append(f"| {r['vocab']} | {r['target']} | {r['loss']} | {r['wall_s']:.3f} | {r['cpu_s']:.3f} | "
                      f"{r['time_vs_kl']:.3f} | {mem} |")
     return "\n".join(lines)
 

@@ -13,6 +13,7 @@ import inspect
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 
 def speculative_generate(
@@ -30,8 +31,6 @@ def speculative_generate(
 
     `drafter=None` or `k=0` decodes with the target alone (the baseline, same code path).
     """
-    from transformers import DynamicCache
-
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if k < 0:
@@ -40,6 +39,8 @@ def speculative_generate(
     eos_ids = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).view(-1)
     tokens = torch.as_tensor(input_ids, dtype=torch.long).view(-1)  # [prompt + generated]
     prompt_len = tokens.numel()
+    if prompt_len == 0:
+        raise ValueError("input_ids must hold at least one token")
     target_cache = DynamicCache(config=target.config)
     draft_cache = DynamicCache(config=drafter.config) if drafter is not None else None
     vocab = target.get_input_embeddings().num_embeddings  # drafts must be ids the target can read
@@ -89,7 +90,7 @@ def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, gene
     drafts, draft_probs = [], []
     for _ in range(k):
         q = to_probs(forward(drafter, inputs, cache, 1)[:, :vocab], temperature)  # [1, V]
-        inputs = torch.multinomial(q, 1, generator=generator)[0]
+        inputs = sample(q, generator)  # [1]
         drafts.append(inputs)
         draft_probs.append(q)
     return torch.cat(drafts), torch.cat(draft_probs)
@@ -111,16 +112,16 @@ def accept(target_probs, draft_probs, drafts, generator) -> tuple[int, torch.Ten
     """
     k = drafts.numel()
     if k == 0:
-        return 0, torch.multinomial(target_probs[0], 1, generator=generator)
+        return 0, sample(target_probs[:1], generator)
     target_probs, draft_probs = same_width(target_probs, draft_probs)
     rows = torch.arange(k)
     p, q = target_probs[rows, drafts], draft_probs[rows, drafts]
     accepted = torch.rand(k, generator=generator) * q < p  # u < p/q, i.e. with probability min(1, p/q)
     n_accepted = k if bool(accepted.all()) else int((~accepted).nonzero()[0])
     if n_accepted == k:  # bonus token from the target
-        return k, torch.multinomial(target_probs[k], 1, generator=generator)
+        return k, sample(target_probs[k:], generator)
     residual = residual_distribution(target_probs[n_accepted], draft_probs[n_accepted])
-    return n_accepted, torch.multinomial(residual, 1, generator=generator)
+    return n_accepted, sample(residual[None], generator)
 
 
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -133,13 +134,22 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sampling distribution in fp32; at T = 0 the one-hot of the argmax (greedy)."""
     if temperature == 0:
-        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def sample(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One token per row of probs [n, V] -> [n], by inverting the fp64 CDF (also for unnormalized rows)."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=torch.float64) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first id whose CDF exceeds u
 
 
 def same_width(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad p or q so both cover the same vocabulary (models may pad their embedding rows)."""
     width = max(p.shape[-1], q.shape[-1])
+    if p.shape[-1] == q.shape[-1]:
+        return p, q
     return F.pad(p, (0, width - p.shape[-1])), F.pad(q, (0, width - q.shape[-1]))
 
 

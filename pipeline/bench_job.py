@@ -7,16 +7,14 @@ plots (see eval/report.py) and a per-prompt outputs.jsonl.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from eval.report import BASELINE
+from pipeline.ray_session import ray_session
 
 
 class BenchConfigError(ValueError):
@@ -39,7 +37,7 @@ class BenchConfig:
     seed: int = 0
     dtype: str = "fp32"
     out: Path = Path("bench-report")
-    address: str | None = None  # existing Ray cluster; None starts (and stops) a local one
+    address: str | None = None  # existing Ray cluster (or $RAY_ADDRESS); else a private local one
     progress: bool = True
 
     def validate(self) -> None:
@@ -123,7 +121,7 @@ def run_bench(config: BenchConfig) -> Path:
         raise BenchConfigError(str(exc)) from exc
 
     started = time.time()
-    with _ray_session(config.address):
+    with ray_session(config.address):
         records, threads = _run_on_actors(config, target.path, drafters, items)
     elapsed = time.time() - started
 
@@ -206,31 +204,6 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 
 
 # --- Ray --------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _ray_session(address: str | None):
-    """Reuse an initialized Ray, connect to `address`, or start a private local cluster."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    temp_dir = None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:  # address="local" never attaches to somebody else's cluster
-        temp_dir = tempfile.mkdtemp(prefix="lkbench-", dir="/tmp")  # short: unix socket paths
-        ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if temp_dir:
-            import shutil
-
-            shutil.rmtree(temp_dir, ignore_errors=True)
-
 
 def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafter], items: list[dict]):
     """Shard prompts over `workers` actors (one prompt per call) and gather every record."""

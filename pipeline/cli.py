@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "pipeline.cli_submit",
     "pipeline.cli_train",
     "pipeline.cli_demo",
+    "pipeline.cli_bench",
 )
 
 

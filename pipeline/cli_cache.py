@@ -13,6 +13,17 @@ TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a dead writer
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to options that have a meaningful default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        meaningless = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not meaningless and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def register(subparsers) -> None:
     """Add `cache` and its sub-commands to the lkspec parser."""
     cache = subparsers.add_parser(
@@ -25,7 +36,7 @@ def register(subparsers) -> None:
 
     build = commands.add_parser(
         "build", help="run the target over a dataset and write a cache (resumes, reuses)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         description="Tokenize DATA with the target's chat template, run the target teacher-forced on a pool "
                     "of Ray actors and store the top-k log-probs of every assistant token. The cache "
                     "directory is OUT/<content key>; the last line printed is its path. A complete cache "
@@ -41,20 +52,20 @@ def register(subparsers) -> None:
                        help="keep the first N usable conversations (dataset order)")
     build.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
     build.add_argument("--workers", type=int, default=2, help="TargetWorker actors")
-    build.add_argument("--threads", type=int, default=None, help="torch threads per worker [default: CPUs/workers]")
+    build.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
     build.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target weights dtype")
     build.add_argument("--features", default="none",
                        help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux")
     build.add_argument("--regenerate", action="store_true",
                        help="replace each assistant reply by one sampled from the target at T=1")
-    build.add_argument("--max-new-tokens", type=int, default=None, help="longest regenerated reply [default: 256]")
+    build.add_argument("--max-new-tokens", type=int, default=None, help="longest regenerated reply, with --regenerate (default: 256)")
     build.add_argument("--seed", type=int, default=0, help="seed of the regenerated replies")
     build.add_argument("--skip-invalid", action="store_true",
                        help="skip and count malformed rows instead of stopping at the first")
     build.add_argument("--shard-size", type=int, default=64, help="sequences per shard (the unit of work)")
     build.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward batch")
     build.add_argument("--address", default=None,
-                       help="Ray cluster to use (e.g. 127.0.0.1:6379); default: start a local one")
+                       help="Ray cluster to use, e.g. 127.0.0.1:6379 (default: start a local one)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_build)
 
@@ -75,13 +86,14 @@ def register(subparsers) -> None:
     ls.set_defaults(func=cmd_ls)
 
     gc = commands.add_parser(
-        "gc", help="remove caches that no run references",
-        description="Remove the complete caches under ROOT that no run references (RUNS/**/run.json with a "
-                    "'cache_key'), incomplete builds untouched for --stale-hours, and stale temporary files.",
+        "gc", help="remove caches that no run references", formatter_class=_DefaultsFormatter,
+        description="Remove the complete caches under ROOT that no run references (RUNS/**/run.json naming "
+                    "the cache by 'cache_key' or 'cache': {'key'|'path'}), incomplete builds untouched for "
+                    "--stale-hours, and stale temporary files.",
     )
     gc.add_argument("root", type=Path, metavar="ROOT")
     gc.add_argument("--runs", type=Path, action="append", default=None,
-                    help="runs directory to scan for run.json (repeatable) [default: ./runs]")
+                    help="runs directory to scan for run.json, repeatable (default: ./runs)")
     gc.add_argument("--stale-hours", type=float, default=24.0,
                     help="remove incomplete builds untouched for this long")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
@@ -89,6 +101,7 @@ def register(subparsers) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """`cache build`: validate, build (or resume, or reuse) and print the cache directory last."""
     from pipeline.build import BuildConfig, ConfigError, parse_features
 
     try:
@@ -150,6 +163,7 @@ def _stats(cache_dir: Path) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """`cache info`: a human summary, or the manifest and stats as JSON."""
     reader = _open(args.cache_dir)
     manifest = {name: reader.manifest[name] for name in reader.manifest if name != "shards"}
     stats = _stats(args.cache_dir)
@@ -198,6 +212,7 @@ def _describe_dataset(dataset: dict) -> str:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`cache verify`: check every file; exit 1 and list the problems if any."""
     reader = _open(args.cache_dir)
     started = time.perf_counter()
     problems = reader.verify()
@@ -232,6 +247,7 @@ def _dir_bytes(directory: Path) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """`cache ls`: one table row per cache directory under ROOT."""
     caches = _scan(args.root)
     if not caches:
         print(f"no caches under {args.root}")
@@ -257,7 +273,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def referenced_keys(runs_dirs: list[Path]) -> set[str]:
-    """Cache keys recorded by runs: every run.json under the runs directories with a 'cache_key'."""
+    """Cache keys recorded by runs: every run.json under the runs directories."""
     keys = set()
     for runs in runs_dirs:
         for run_json in sorted(runs.rglob("run.json")):
@@ -265,12 +281,22 @@ def referenced_keys(runs_dirs: list[Path]) -> set[str]:
                 record = json.loads(run_json.read_text())
             except (OSError, ValueError) as exc:
                 raise CliError(f"{run_json}: unreadable run record ({exc}); refusing to collect garbage") from None
-            if isinstance(record, dict) and isinstance(record.get("cache_key"), str):
-                keys.add(record["cache_key"])
+            keys |= _run_cache_keys(record)
     return keys
 
 
+def _run_cache_keys(record: object) -> set[str]:
+    """The cache keys a run record names: "cache_key", or "cache": {"key", "path"} as the trainer writes."""
+    if not isinstance(record, dict):
+        return set()
+    cache = record.get("cache") if isinstance(record.get("cache"), dict) else {}
+    candidates = [record.get("cache_key"), cache.get("key")]
+    candidates += [Path(p).name for p in (cache.get("path"), record.get("cache_path")) if isinstance(p, str) and p]
+    return {key for key in candidates if isinstance(key, str) and key}
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
+    """`cache gc`: remove unreferenced complete caches, stale incomplete builds and dead temp files."""
     runs_dirs = args.runs or [Path("runs")]
     existing = [d for d in runs_dirs if d.is_dir()]
     if not existing:

@@ -58,12 +58,14 @@ def register(subparsers) -> None:
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (default: 4e-4)")
-    optim.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before cosine decay (default: 100)")
+    optim.add_argument("--warmup", type=int, default=100,
+                       help="linear warm-up steps before cosine decay (default: 100)")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     optim.add_argument("--grad-clip", type=float, default=0.5, help="gradient clipping norm (default: 0.5)")
     optim.add_argument("--batch-tokens", type=int, default=8192,
                        help="tokens per worker and step, padding included (default: 8192)")
-    optim.add_argument("--eta", type=float, default=3.0, help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: 3)")
+    optim.add_argument("--eta", type=float, default=3.0,
+                       help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: 3)")
     optim.add_argument("--seed", type=int, default=0, help="initialization and data order seed (default: 0)")
     optim.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                        help="training precision (default auto: bf16 on GPU, fp32 on CPU)")
@@ -78,7 +80,8 @@ def register(subparsers) -> None:
     evals.add_argument("--eval-every", type=int, default=100,
                        help="steps between held-out evaluations; 0 = only at the end (default: 100)")
     evals.add_argument("--heldout-fraction", type=float, default=0.05,
-                       help="fraction of sequences (by sample-id hash) never trained on (default: 0.05, min 1 sequence)")
+                       help="fraction of sequences (by sample-id hash) never trained on "
+                       "(default: 0.05, at least 1 sequence)")
     evals.add_argument("--eval-sequences", type=int, default=256,
                        help="held-out sequences scored at each evaluation (default: 256)")
     evals.add_argument("--checkpoint-every", type=int, default=500,

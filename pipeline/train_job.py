@@ -64,28 +64,27 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise DataError(f"cache {cache_path} is empty (0 sequences): nothing to train on")
 
     identity = manifest["identity"]
-    target_path = None
+    recorded = identity.get("target") if isinstance(identity.get("target"), dict) else None
     if config.target is not None:
-        target_path = resolve_model(config.target)
-        recorded = identity.get("target") if isinstance(identity.get("target"), dict) else None
-        if recorded and recorded.get("weights_sha256") not in (None, target_path.identity.get("weights_sha256")):
+        resolved = resolve_model(config.target)
+        if recorded and not _same_model(recorded, resolved.identity):
             raise CacheMismatchError(
-                f"cache {key} was built from target weights {recorded['weights_sha256'][:16]}…, --target "
-                f"{config.target} has weights {target_path.identity.get('weights_sha256', '?')[:16]}…")
-        target_path = str(target_path.path)
-    elif isinstance(identity.get("target_path"), str) and Path(identity["target_path"]).is_dir():
-        target_path = identity["target_path"]
+                f"cache {key} was built from target weights {str(recorded.get('weights_sha256'))[:16]}…, "
+                f"--target {config.target} has weights {str(resolved.identity.get('weights_sha256'))[:16]}…")
+        target_path = str(resolved.path)
+    else:
+        target_path = locate_target(cache_path, identity)
     needs_target = config.target_source == "online" or config.init_embeddings_from == "target"
     if needs_target and target_path is None:
         why = "--target-source online" if config.target_source == "online" else "--init-embeddings-from target"
         raise ConfigError(f"{why} needs the target model: pass --target MODEL "
-                          f"(the cache manifest records no usable target_path)")
+                          f"(the cache's target was not found on this machine)")
 
     drafter_is_dir = Path(config.drafter).expanduser().is_dir()
     tokenizer_dir = str(Path(config.drafter).expanduser().resolve()) if drafter_is_dir else target_path
     if tokenizer_dir is None:
         raise ConfigError(f"{flag('drafter')} {config.drafter} is built from a config: pass --target MODEL "
-                          "so its tokenizer can be checked and saved (the cache manifest records no target_path)")
+                          "so its tokenizer can be checked and saved (the cache's target was not found here)")
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -134,6 +133,45 @@ def plan_run(config: TrainConfig) -> RunPlan:
     )
     _check_run_dir(plan)
     return plan
+
+
+def _same_model(recorded: dict, identity: dict) -> bool:
+    """Whether two model identities (pipeline.models) name the same weights and config."""
+    keys = [k for k in ("weights_sha256", "config_sha256") if recorded.get(k) is not None]
+    return bool(keys) and all(recorded[k] == identity.get(k) for k in keys)
+
+
+def locate_target(cache_path: Path, identity: dict) -> str | None:
+    """The local directory of the cache's target model, verified against its identity; None if not found.
+
+    Tried in order: `target_path` in the identity; the target spec `lkspec cache build` wrote to the
+    cache's stats.json; the models already converted under $LKSPEC_HOME/models.
+    """
+    import json
+
+    from pipeline.models import IDENTITY_FILE, lkspec_home, resolve_model
+
+    if isinstance(identity.get("target_path"), str) and Path(identity["target_path"]).is_dir():
+        return identity["target_path"]
+    recorded = identity.get("target")
+    if not isinstance(recorded, dict):
+        return None
+    try:
+        spec = json.loads((cache_path / "stats.json").read_text()).get("target")
+        if isinstance(spec, str):
+            resolved = resolve_model(spec)
+            if _same_model(recorded, resolved.identity):
+                return str(resolved.path)
+    except Exception:  # noqa: BLE001 - a hint only: absent, unreadable or not resolvable here
+        pass
+    models = lkspec_home() / "models"
+    for identity_file in sorted(models.glob(f"*/{IDENTITY_FILE}")) if models.is_dir() else []:
+        try:
+            if _same_model(recorded, json.loads(identity_file.read_text())):
+                return str(identity_file.parent)
+        except ValueError:
+            continue
+    return None
 
 
 def _steps_for_epochs(config: TrainConfig, index, split) -> int:
@@ -187,100 +225,138 @@ def connect_ray(address: str | None = None) -> None:
 
 
 def train_sweep(configs: list[TrainConfig], *, address: str | None = None, progress: bool = True) -> list[Path]:
-    """Plan every run (all checks before Ray), then train them one after the other; return the run dirs."""
+    """Plan every run (all checks before Ray), then train them in order; return the run directories.
+
+    Consecutive runs with the same worker count share one Ray Train worker group (one TorchTrainer).
+    """
     plans = [plan_run(config) for config in configs]
     dirs = [plan.run_dir for plan in plans]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two runs of the sweep would share a directory: {sorted(dirs)}")
     connect_ray(address)
-    return [train_run(plan, progress=progress) for plan in plans]
+    groups: list[list[RunPlan]] = []
+    for plan in plans:
+        if groups and groups[-1][0].config.workers == plan.config.workers:
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    for group in groups:
+        train_runs(group, progress=progress)
+    return [Path(d) for d in dirs]
 
 
-def train_run(plan: RunPlan, *, progress: bool = True) -> Path:
-    """Train one planned run on the connected Ray cluster with a TorchTrainer; return its directory."""
+def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
+    """Train planned runs (same worker count) one after the other in one TorchTrainer on the connected cluster."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import train_loop_per_worker
 
-    run_dir = Path(plan.run_dir)
-    existing = read_run(run_dir)
-    if plan.config.resume and existing and existing.get("status") == "done":
-        _say(f"{run_dir.name}: already done ({existing.get('steps_done')} steps), nothing to resume")
-        return run_dir
-    config = plan.config
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= config.workers
+    todo = []
+    for plan in plans:
+        existing = read_run(Path(plan.run_dir))
+        if plan.config.resume and existing and existing.get("status") == "done":
+            _say(f"{Path(plan.run_dir).name}: already done ({existing.get('steps_done')} steps), nothing to resume")
+        else:
+            todo.append(plan)
+    if not todo:
+        return
+    workers = todo[0].config.workers
+    if any(plan.config.workers != workers for plan in todo):
+        raise ConfigError("runs trained together must use the same number of workers")
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    for plan in todo:
+        prepare_run_dir(plan, use_gpu)
+    first = Path(todo[0].run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"plans": [plan.to_dict() for plan in todo]},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=f"{first.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(first / "ray"), failure_config=FailureConfig(max_failures=0)),
+    )
+    watcher = _ProgressBar(todo) if progress else None
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps the worker's exception; keep its message
+        message = f"{type(exc).__name__}: {exc}"
+        for plan in todo:
+            if (read_run(Path(plan.run_dir)) or {}).get("status") in ("running", "pending"):
+                update_run(Path(plan.run_dir), status="failed", error=message[-2000:])
+        raise TrainingError(f"training failed: {message.strip().splitlines()[-1][:500]}") from exc
+    finally:
+        if watcher:
+            watcher.stop()
+    for plan in todo:
+        run = read_run(Path(plan.run_dir)) or {}
+        if run.get("status") not in ("done", "stopped"):
+            update_run(Path(plan.run_dir), status="failed", error="the workers exited without finishing the run")
+            raise TrainingError(f"run {Path(plan.run_dir).name}: the workers exited without finishing it")
+
+
+def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> None:
+    """Write plan.json and the static part of run.json (status pending) before the workers start."""
+    run_dir, config = Path(plan.run_dir), plan.config
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / PLAN_JSON, plan.to_dict())
     update_run(
-        run_dir, name=run_dir.name, status="running", loss=config.loss, run_dir=str(run_dir),
+        run_dir, name=run_dir.name, status="pending", loss=config.loss, run_dir=str(run_dir),
         cache={"path": plan.cache_path, "key": plan.cache_key, "k": plan.k},
         drafter=plan.drafter, target_source=config.target_source, tail=config.tail, total_steps=plan.total_steps,
         config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
         heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
                  "num_train": plan.num_train_sequences, "eval_sequences": len(plan.eval_ids)},
-        started=time.time(), error=None,
+        error=None,
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=plan.to_dict(),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=f"attempt-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    start_step = max((r.get("step", 0) for r in iter_metrics(run_dir / METRICS)), default=0) if config.resume else 0
-    watcher = _ProgressBar(run_dir, plan, start_step) if progress else None
-    try:
-        trainer.fit()
-    except Exception as exc:  # Ray wraps the worker's exception; keep its message
-        message = f"{type(exc).__name__}: {exc}"
-        update_run(run_dir, status="failed", error=message[-2000:])
-        raise TrainingError(f"run {run_dir.name} failed: {message.strip().splitlines()[-1][:500]}") from exc
-    finally:
-        if watcher:
-            watcher.stop()
-    run = read_run(run_dir) or {}
-    if run.get("status") not in ("done", "stopped"):
-        update_run(run_dir, status="failed", error="the workers exited without finishing the run")
-        raise TrainingError(f"run {run_dir.name}: the workers exited without finishing the run")
-    return run_dir
 
 
 class _ProgressBar:
-    """A driver-side tqdm bar fed by tailing the run's metrics.jsonl (written by rank 0)."""
+    """Driver-side tqdm bars, one per run in turn, fed by tailing each run's metrics.jsonl (rank 0 writes it)."""
 
-    def __init__(self, run_dir: Path, plan: RunPlan, start_step: int):
-        self.path = run_dir / METRICS
-        self.total = min(plan.total_steps, plan.config.stop_after or plan.total_steps)
-        self.start_step = start_step
+    def __init__(self, plans: list[RunPlan]):
+        self.plans = plans
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(run_dir.name,), daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _run(self, name: str) -> None:
+    def _run(self) -> None:
+        for plan in self.plans:
+            if not self._follow(plan):
+                return
+
+    def _follow(self, plan: RunPlan) -> bool:
+        """Show one run until it ends; False when asked to stop first."""
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total, initial=self.start_step, desc=name, unit="step", file=sys.stderr,
-                   dynamic_ncols=True)
-        shown = self.start_step
+        run_dir = Path(plan.run_dir)
+        total = min(plan.total_steps, plan.config.stop_after or plan.total_steps)
+        shown = max((r.get("step", 0) for r in iter_metrics(run_dir / METRICS)), default=0) \
+            if plan.config.resume else 0
+        bar = tqdm(total=total, initial=shown, desc=run_dir.name, unit="step", file=sys.stderr, dynamic_ncols=True)
         last_eval: dict[str, Any] | None = None
-        while True:
-            stopping = self._stop.wait(0.5)
-            records = [r for r in iter_metrics(self.path) if r.get("step", 0) > shown]
-            for record in records:
-                last_eval = record.get("eval", last_eval)
-                postfix = {"loss": f"{record['loss']:.4f}", "alpha": f"{record['alpha'][0]:.3f}",
-                           "tok/s": f"{record['tokens_per_s']:.0f}"}
-                if last_eval:
-                    postfix["heldout_tau"] = f"{last_eval['tau']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(record["step"] - shown)
-                shown = record["step"]
-            if stopping:
-                break
-        bar.close()
+        try:
+            while True:
+                stopping = self._stop.wait(0.5)
+                for record in iter_metrics(run_dir / METRICS):
+                    if record.get("step", 0) <= shown:
+                        continue
+                    last_eval = record.get("eval", last_eval)
+                    postfix = {"loss": f"{record['loss']:.4f}", "alpha": f"{record['alpha'][0]:.3f}",
+                               "tok/s": f"{record['tokens_per_s']:.0f}"}
+                    if last_eval:
+                        postfix["heldout_tau"] = f"{last_eval['tau']:.3f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(record["step"] - shown)
+                    shown = record["step"]
+                status = (read_run(run_dir) or {}).get("status")
+                if status in ("done", "stopped", "failed"):
+                    return True
+                if stopping:
+                    return False
+        finally:
+            bar.close()
 
     def stop(self) -> None:
         self._stop.set()

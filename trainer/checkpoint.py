@@ -64,12 +64,29 @@ def save_checkpoint(engine, checkpoint_dir: Path, *, step: int, position: DataPo
     dist.barrier()
 
 
+def _deepspeed_safe_globals() -> list:
+    """The plain-data DeepSpeed classes its checkpoints pickle (allowed under weights_only=True)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def weights_only_load(path: str, map_location=None):
+    """torch.load(weights_only=True) for DeepSpeed checkpoint files: tensors and plain data, never code."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint(engine, checkpoint_dir: Path) -> Restored | None:
     """Collective: restore model, optimizer, scheduler, this rank's data position and RNG; None if none saved."""
     tag = latest_tag(checkpoint_dir)
     if tag is None:
         return None
     rank = dist.get_rank()
+    # DeepSpeed's own loader unpickles arbitrary objects (weights_only=False): use the restricted one.
+    engine.checkpoint_engine.load = weights_only_load
     path, client_state = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint_dir / tag}")

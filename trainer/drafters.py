@@ -72,7 +72,9 @@ class IndependentDrafter(Drafter):
     def __init__(self, model: nn.Module):
         super().__init__()
         config = model.config
-        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1, 1.0):
+        rescaled = getattr(config, "final_logit_softcapping", None) or \
+            getattr(config, "logit_scale", None) not in (None, 1, 1.0)
+        if rescaled:
             raise DrafterError(
                 f"{type(model).__name__} rescales its logits (softcapping / logit_scale): "
                 "independent drafters apply the output embedding to the last hidden state directly"

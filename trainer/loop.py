@@ -118,13 +118,43 @@ def _dummy_batch(k: int, feature_dims: dict[str, int], columns) -> Batch:
                  sample_ids=[], features={c: torch.zeros(1, 2, feature_dims[c]) for c in columns})
 
 
+def step_record(step: int, results: list, loss: Tensor, batch: Batch, *, elapsed: float, data_wait: float,
+                lr: float, config: TrainConfig, world_size: int, device) -> dict[str, Any]:
+    """Collective: one step's metrics over every worker (target-weighted means, slowest worker's time)."""
+    num_steps = len(results)
+    local = [float(loss.detach()) * float(results[0].n_valid), float(results[0].n_valid), float(batch.num_tokens)]
+    local += [float(r.alpha_mean) * float(r.n_valid) for r in results]
+    local += [float(r.kl_mean) * float(r.n_valid) for r in results]
+    local += [float(r.n_valid) for r in results]
+    local += [float(r.lam) if r.lam is not None else 0.0 for r in results]
+    summed = _all_reduce(local, device)
+    slowest, slowest_wait = _all_reduce([elapsed, data_wait], device, dist.ReduceOp.MAX)
+    alpha_sums, kl_sums, counts, lams = (summed[3 + i * num_steps:3 + (i + 1) * num_steps] for i in range(4))
+    alpha = [a / max(c, 1.0) for a, c in zip(alpha_sums, counts)]
+    return {
+        "step": step,
+        "loss": summed[0] / max(summed[1], 1.0),
+        "alpha": alpha,
+        "kl": [x / max(c, 1.0) for x, c in zip(kl_sums, counts)],
+        "lam": [x / world_size for x in lams] if config.loss == "lk_lambda" else None,
+        "tau": tau_from_alphas(alpha, config.tau_draft_len),
+        "lr": lr,
+        "tokens": int(summed[2]),
+        "targets": int(summed[1]),
+        "tokens_per_s": summed[2] / slowest,
+        "step_time_s": slowest,
+        "data_wait_s": slowest_wait,
+        "time": time.time(),
+    }
+
+
 def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, config: TrainConfig,
              device) -> dict[str, Any]:
     """Collective: held-out α (tail bucket / dropped), KL and expected τ over every rank's share."""
     num_batches = int(_all_reduce([len(batches)], device, dist.ReduceOp.MAX)[0])
     vocab_map = getattr(engine.module, "vocab_map", None)
     num_steps = engine.module.num_steps
-    sums = [0.0] * (3 * num_steps + 1)  # α (bucket), α (drop), KL per step; positions
+    sums = [0.0] * (4 * num_steps)  # per step: α (tail bucket), α (tail dropped), KL, positions
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
@@ -138,22 +168,22 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
                 kl, alpha, _ = kl_alpha(step.logits, step_target, tail="bucket", vocab_map=vocab_map)
                 sums[n] += float(alpha.sum())
                 sums[2 * num_steps + n] += float(kl.sum())
+                sums[3 * num_steps + n] += alpha.shape[0]
                 if isinstance(step_target, SparseTarget):
                     _, alpha, _ = kl_alpha(step.logits, step_target, tail="drop", vocab_map=vocab_map)
                 sums[num_steps + n] += float(alpha.sum())
-            sums[-1] += steps[0].logits.shape[0]
     engine.train()
     sums = _all_reduce(sums, device)
-    positions = max(sums[-1], 1.0)
-    alpha = [s / positions for s in sums[:num_steps]]
-    alpha_lower = [s / positions for s in sums[num_steps:2 * num_steps]]
+    counts = [max(c, 1.0) for c in sums[3 * num_steps:]]
+    alpha = [s / c for s, c in zip(sums[:num_steps], counts)]
+    alpha_lower = [s / c for s, c in zip(sums[num_steps:2 * num_steps], counts)]
     return {
         "alpha": alpha,
         "alpha_lower": alpha_lower,
-        "kl": [s / positions for s in sums[2 * num_steps:3 * num_steps]],
+        "kl": [s / c for s, c in zip(sums[2 * num_steps:3 * num_steps], counts)],
         "tau": tau_from_alphas(alpha, config.tau_draft_len),
         "tau_lower": tau_from_alphas(alpha_lower, config.tau_draft_len),
-        "positions": int(sums[-1]),
+        "positions": int(sums[3 * num_steps]),
     }
 
 
@@ -193,15 +223,19 @@ def check_export(engine, model_dir: Path, plan: RunPlan, dtype: str, device) -> 
 
 
 # ---------------------------------------------------------------------------------- the recipe
-def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
-    """Ray Train entry point: run the plan on this worker, report the summary, leave cleanly."""
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point: run the planned runs one after the other on this worker, then leave cleanly.
+
+    A sweep shares one worker group: the workers start, import and join the process group once.
+    """
     import ray.train
 
     context = ray.train.get_context()
     try:
-        summary = run_worker(RunPlan.from_dict(plan_dict), rank=context.get_world_rank(),
-                             world_size=context.get_world_size())
-        ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+        for plan_dict in loop_config["plans"]:
+            summary = run_worker(RunPlan.from_dict(plan_dict), rank=context.get_world_rank(),
+                                 world_size=context.get_world_size())
+            ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
     finally:
         # gloo workers abort at interpreter exit ("terminate called without an active exception")
         # unless the process group is gone first.
@@ -218,6 +252,8 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     config = plan.config
     run_dir = Path(plan.run_dir)
     started = time.time()
+    if rank == 0:
+        update_run(run_dir, status="running", started=started)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
@@ -255,7 +291,6 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
     vocab_map = getattr(drafter, "vocab_map", None)
-    num_steps = drafter.num_steps
     timings["data_setup_s"] = time.time() - started - timings["setup_s"]
     loop_started = time.time()
     try:
@@ -275,33 +310,9 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
             engine.step()
             elapsed = time.perf_counter() - began
 
-            local = [float(loss.detach()) * float(results[0].n_valid), float(results[0].n_valid),
-                     float(batch.num_tokens)]
-            local += [float(r.alpha_mean) * float(r.n_valid) for r in results]
-            local += [float(r.kl_mean) * float(r.n_valid) for r in results]
-            local += [float(r.n_valid) for r in results]
-            local += [float(r.lam) if r.lam is not None else 0.0 for r in results]
-            summed = _all_reduce(local, device)
-            slowest, slowest_wait = _all_reduce([elapsed, data_wait], device, dist.ReduceOp.MAX)
-            alpha_sums, kl_sums, counts, lams = (summed[3 + i * num_steps:3 + (i + 1) * num_steps]
-                                                 for i in range(4))
-            alpha = [a / max(c, 1.0) for a, c in zip(alpha_sums, counts)]
-            record: dict[str, Any] = {
-                "step": step,
-                "epoch": stream.position.epoch,
-                "loss": summed[0] / max(summed[1], 1.0),
-                "alpha": alpha,
-                "kl": [x / max(c, 1.0) for x, c in zip(kl_sums, counts)],
-                "lam": [x / world_size for x in lams] if config.loss == "lk_lambda" else None,
-                "tau": tau_from_alphas(alpha, config.tau_draft_len),
-                "lr": lr,
-                "tokens": int(summed[2]),
-                "targets": int(summed[1]),
-                "tokens_per_s": summed[2] / slowest,
-                "step_time_s": slowest,
-                "data_wait_s": slowest_wait,
-                "time": time.time(),
-            }
+            record = step_record(step, results, loss, batch, elapsed=elapsed, data_wait=data_wait, lr=lr,
+                                 config=config, world_size=world_size, device=device)
+            record["epoch"] = stream.position.epoch
             last_train = {k: v for k, v in record.items() if k != "time"}
             if (config.eval_every and step % config.eval_every == 0) or step == plan.total_steps:
                 last_eval = evaluate(engine, held_out, dummy, targets, config, device)
@@ -334,6 +345,8 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         "best_tau": best["tau"] if best else None,
         "best_step": best["step"] if best else None,
     }
+    engine.destroy()  # release DeepSpeed's hooks and buffers before the next run of a sweep
+    del engine, drafter, targets
     if rank == 0:
         update_run(run_dir, status=summary["status"], steps_done=stop,
                    final={"train": last_train, "eval": last_eval}, best=best,

@@ -38,8 +38,9 @@ __all__ = [
 LOSS_NAMES: tuple[str, ...] = ("kl", "tv", "lk_alpha", "lk_lambda")
 TAIL_MODES: tuple[str, ...] = ("bucket", "drop")
 
-# Draft log-probabilities are floored here inside the KL *value* only, so a −inf draft logit under
-# target mass gives a huge finite KL instead of inf (the gradient q − p never needs log q).
+# Log-probabilities (draft and target) are floored here inside the KL *value*, so a −inf draft
+# logit under target mass gives a huge finite KL instead of inf, and 0·log 0 never makes a NaN;
+# exp(LOG_FLOOR) is exactly 0, and the gradient (s·q − p) never needs a log.
 LOG_FLOOR = -1.0e4
 # Each fp32 [rows, V] working buffer of the kernel is at most this big, and at most 1/64 of the
 # draft logits: the kernel keeps about seven of them alive, so its scratch stays near 1/9 of the
@@ -108,7 +109,7 @@ def _floor(x: Tensor) -> Tensor:
 class _DenseRows:
     """A dense target seen from the draft vocabulary (restricted by the vocab map, if any)."""
 
-    def __init__(self, target: DenseTarget, n: int, v_draft: int, vocab_map: Tensor | None, cdt):
+    def __init__(self, target: DenseTarget, n: int, v_draft: int, vocab_map: Tensor | None, cdt, device):
         t = target.tensor
         t = t.reshape(-1, t.shape[-1])
         if t.shape[0] != n:
@@ -123,7 +124,8 @@ class _DenseRows:
                 f"vocab_map points at target id {int(vocab_map.max())}, "
                 f"but the DenseTarget vocabulary has {t.shape[1]} ids"
             )
-        self.t, self.is_logits, self.vocab_map, self.cdt = t.detach(), target.logits is not None, vocab_map, cdt
+        self.t = t.detach().to(device)  # a no-op when the target already lives with the logits
+        self.is_logits, self.vocab_map, self.cdt = target.logits is not None, vocab_map, cdt
 
     def _logp(self, rows) -> Tensor:
         """log p restricted to the draft vocabulary (un-renormalized), floored: [c, V_draft]."""
@@ -137,7 +139,7 @@ class _DenseRows:
         if self.is_logits and self.vocab_map is None:
             return torch.softmax(self.t[rows], dim=-1, dtype=self.cdt)
         if self.vocab_map is None:
-            return self.t[rows].to(self.cdt, copy=True)
+            return self.t[rows].to(self.cdt)  # read only
         return self._logp(rows).exp_()
 
     def _mass(self, p: Tensor) -> tuple[Tensor, Tensor]:
@@ -157,7 +159,7 @@ class _DenseRows:
         inv_m, _ = self._mass(p)
         inv_m = inv_m.squeeze(-1)
         # KL(p/m ‖ q) = Σ p (log p − log q) / m − log m
-        kl = torch.where(inv_m > 0, kl_raw * inv_m + inv_m.clamp_min(1e-300).log(), 0.0)
+        kl = torch.where(inv_m > 0, kl_raw * inv_m + torch.where(inv_m > 0, inv_m, 1.0).log(), 0.0)
         return kl, alpha, None
 
     def backward(self, z: Tensor, rows, a: Tensor, b: Tensor, aux) -> Tensor:
@@ -184,9 +186,10 @@ class _SparseRows:
     the raw p and r. When K covers the whole draft vocabulary there is no tail: r = 0.
     """
 
-    def __init__(self, target: SparseTarget, n: int, v_draft: int, vocab_map: Tensor | None, tail: str, cdt):
-        ids = target.ids.reshape(-1, target.ids.shape[-1]).detach()
-        logprobs = target.logprobs.reshape(-1, target.logprobs.shape[-1]).detach().to(cdt)
+    def __init__(self, target: SparseTarget, n: int, v_draft: int, vocab_map: Tensor | None, tail: str, cdt,
+                 device):
+        ids = target.ids.reshape(-1, target.ids.shape[-1]).detach().to(device)
+        logprobs = target.logprobs.reshape(-1, target.logprobs.shape[-1]).detach().to(device, cdt)
         if ids.shape[0] != n:
             raise ValueError(f"SparseTarget has {ids.shape[0]} positions, draft logits have {n}")
         present = logprobs > -math.inf  # not padding
@@ -278,7 +281,7 @@ class _SparseRows:
         coef_off_k = coef + torch.where(fast, tail_coef / torch.where(fast, tail, 1.0), 0.0)
         g = q.mul_(coef_off_k)
         # overwrite the K columns (no cancellation): invalid entries copy their row's first valid value
-        on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k).gather(1, src)
+        on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k)
         g.scatter_(1, idx, on_k)
         rare = ~fast[:, 0] & (tail_coef[:, 0] != 0)
         if bool(rare.any()):  # q_j / Q in log space where Q underflows
@@ -336,7 +339,7 @@ class _KLAlpha(torch.autograd.Function):
             a = grad_kl[rows].to(tgt.cdt)[:, None]
             b = grad_alpha[rows].to(tgt.cdt)[:, None]
             aux = None if ctx.aux is None else ctx.aux[rows]
-            grad[rows] = tgt.backward(logits[rows], rows, a, b, aux)
+            grad[rows] = tgt.backward(logits[rows], rows, a, b, aux).to(grad.dtype)
         return grad, None, None, None
 
 
@@ -382,9 +385,9 @@ def kl_alpha(
     vocab_map = _check_vocab_map(vocab_map, v_draft, logits.device)
     cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32  # fp32 maths for bf16/fp16
     if isinstance(target, DenseTarget):
-        tgt = _DenseRows(target, n, v_draft, vocab_map, cdt)
+        tgt = _DenseRows(target, n, v_draft, vocab_map, cdt, logits.device)
     elif isinstance(target, SparseTarget):
-        tgt = _SparseRows(target, n, v_draft, vocab_map, tail, cdt)
+        tgt = _SparseRows(target, n, v_draft, vocab_map, tail, cdt, logits.device)
     else:
         raise TypeError(f"target must be a DenseTarget or SparseTarget, got {type(target).__name__}")
     valid_rows = None if bool(valid.all()) else valid.nonzero().squeeze(-1)

@@ -56,15 +56,18 @@ def test_gc_removes_unreferenced_and_stale_caches_and_dead_temp_files(tmp_path, 
     age(dead_temp, 2)
     live_temp = fresh_partial / ".tmp-shard-00001.arrow.456.ef01"
     live_temp.write_bytes(b"being written")
+    also_used = make_cache(root, "also-used")
     (runs / "sweep" / "kl").mkdir(parents=True)
     (runs / "sweep" / "kl" / "run.json").write_text(json.dumps({"cache_key": used.name}))
+    (runs / "lk").mkdir(parents=True)  # the trainer's layout: "cache": {"path", "key", "k"}
+    (runs / "lk" / "run.json").write_text(json.dumps({"cache": {"path": str(also_used), "key": also_used.name}}))
 
     assert main(["cache", "gc", str(root), "--runs", str(runs), "--dry-run"]) == 0
     assert "would remove" in capsys.readouterr().out and unused.exists() and stale_partial.exists()
 
     assert main(["cache", "gc", str(root), "--runs", str(runs)]) == 0
     out = capsys.readouterr().out
-    assert sorted(p.name for p in root.iterdir()) == sorted([used.name, fresh_partial.name])
+    assert sorted(p.name for p in root.iterdir()) == sorted([used.name, also_used.name, fresh_partial.name])
     assert not dead_temp.exists() and live_temp.exists()
     assert "no run references it" in out and "untouched for" in out and "stale temporary file" in out
     assert main(["cache", "verify", str(used)]) == 0

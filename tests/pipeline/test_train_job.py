@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +118,19 @@ def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir
     assert plan_run(_config(cache_dir, tmp_path, resume=True, stop_after=3)).run_dir == plan.run_dir
 
 
+def test_the_cache_target_is_found_from_the_build_stats_and_verified(tmp_path, target_dir, tiny_llama_dir):
+    cache = helpers.build_cache(tmp_path, target_dir, helpers.random_sequences(8, seed=2), num_shards=1,
+                                record_target_path=False)
+    with pytest.raises(ConfigError, match="pass --target MODEL"):
+        plan_run(_config(cache, tmp_path / "runs"))
+    (cache / "stats.json").write_text(json.dumps({"target": str(tiny_llama_dir)}))  # not the cache's target
+    with pytest.raises(ConfigError, match="pass --target MODEL"):
+        plan_run(_config(cache, tmp_path / "runs"))
+    (cache / "stats.json").write_text(json.dumps({"target": str(target_dir)}))  # what `lkspec cache build` writes
+    plan = plan_run(_config(cache, tmp_path / "runs", target_source="online"))
+    assert plan.tokenizer_dir == plan.target_path == str(target_dir.resolve())
+
+
 def test_online_target_must_be_the_cache_target(tmp_path, cache_dir, tiny_llama_dir):
     with pytest.raises(CacheMismatchError, match="was built from target weights"):
         plan_run(_config(cache_dir, tmp_path, target_source="online", target=str(tiny_llama_dir)))
@@ -178,24 +190,37 @@ def test_runs_lists_the_run(zero2_run, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_address, cache_dir, tmp_path):
+def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_address, cache_dir, tmp_path, capsys):
+    """`lkspec train --loss lk_lambda,lk_alpha` under ZeRO-1, the target model running online in each worker."""
     before = _snapshot(cache_dir)
-    configs = sweep_configs(_config(cache_dir, tmp_path, zero=1, steps=4, eval_every=0), ["lk_lambda", "lk_alpha"])
-    run_dirs = train_sweep(configs, progress=False)
+    code = main(["train", "--cache", str(cache_dir), "--out", str(tmp_path), "--loss", "lk_lambda,lk_alpha",
+                 "--drafter", "tiny", "--drafter-config", "layers=1,hidden=64,heads=2,kv_heads=2,intermediate=128",
+                 "--zero", "1", "--workers", "2", "--steps", "4", "--warmup", "2", "--lr", "3e-3",
+                 "--batch-tokens", "192", "--eval-every", "0", "--eval-sequences", "8", "--heldout-fraction", "0.1",
+                 "--target-source", "online"])
+    assert code == 0
+    out, err = capsys.readouterr()
     assert _snapshot(cache_dir) == before
+    run_dirs = sorted(tmp_path.iterdir())
     runs = [read_run(d) for d in run_dirs]
-    assert [r["loss"] for r in runs] == ["lk_lambda", "lk_alpha"]
-    assert {r["cache"]["key"] for r in runs} == {cache_dir.name} and all(r["status"] == "done" for r in runs)
-    lam = [m["lam"][0] for m in read_metrics(run_dirs[0])]
+    assert [r["loss"] for r in runs] == ["lk_alpha", "lk_lambda"] and all(r["status"] == "done" for r in runs)
+    assert {r["cache"]["key"] for r in runs} == {cache_dir.name}
+    assert all(r["target_source"] == "online" for r in runs)
+    for run_dir in run_dirs:
+        assert run_dir.name in out and "4/4" in out  # the closing table
+    assert "4/4" in err  # the progress bars
+    lam = [m["lam"][0] for m in read_metrics(run_dirs[1])]
     assert all(0 < x <= 1 for x in lam)
-    assert all(m["lam"] is None for m in read_metrics(run_dirs[1]))
+    assert all(m["lam"] is None for m in read_metrics(run_dirs[0]))
+    final = runs[0]["final"]["eval"]
+    assert final["alpha"] == final["alpha_lower"]  # a full target distribution has no tail to bound
 
 
 @pytest.mark.slow
 def test_stopped_and_resumed_run_logs_the_same_losses_zero3(ray_address, cache_dir, tmp_path):
     common = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
-    [full] = train_sweep([_config(cache_dir, tmp_path, run_name="full", **common)], progress=False)
-    [part] = train_sweep([_config(cache_dir, tmp_path, run_name="part", stop_after=5, **common)], progress=False)
+    full, part = train_sweep([_config(cache_dir, tmp_path, run_name="full", **common),
+                              _config(cache_dir, tmp_path, run_name="part", stop_after=5, **common)], progress=False)
     assert read_run(part)["status"] == "stopped" and len(read_metrics(part)) == 5
     # As if killed after logging step 5 but before its checkpoint: resume from step 4, redo step 5.
     checkpoints = part / "checkpoints"

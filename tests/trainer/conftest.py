@@ -42,7 +42,8 @@ def random_sequences(num: int, *, seed: int = 0, token_range=(1000, 1400), lengt
 
 
 def build_cache(out: Path, target_dir: Path, sequences, *, num_shards: int = 4, k: int = TINY_K,
-                tokenizer_sha256: str | None = None, vocab_size: int | None = None) -> Path:
+                tokenizer_sha256: str | None = None, vocab_size: int | None = None,
+                record_target_path: bool = True) -> Path:
     """Write a complete cache from a real forward of target_dir over `sequences` (exact top-k of log_softmax)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,8 +64,10 @@ def build_cache(out: Path, target_dir: Path, sequences, *, num_shards: int = 4, 
             records.append(SequenceRecord(sample_id=sample_id, input_ids=ids, loss_mask=mask,
                                           topk_ids=top.indices.numpy().astype(np.int32),
                                           topk_logprobs=top.values.numpy().astype(np.float32)))
-    identity = {"target": resolved.identity, "target_path": str(resolved.path), "target_spec": str(target_dir),
-                "k": k, "test_sequences": [s for s, _, _ in sequences][:3], "n": len(sequences)}
+    identity = {"target": resolved.identity, "k": k, "test_sequences": [s for s, _, _ in sequences][:3],
+                "n": len(sequences)}
+    if record_target_path:
+        identity.update(target_path=str(resolved.path), target_spec=str(target_dir))
     key = content_key(identity)
     cache_dir = out / key
     manifest = create_manifest(cache_dir, key=key, identity=identity, k=k, vocab_size=vocab_size,

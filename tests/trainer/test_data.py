@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cache import open_cache
-from trainer.data import (BatchStream, DataError, DataPosition, LoaderSpec, collate, count_epoch_batches,
+from trainer.data import (BatchStream, DataError, LoaderSpec, collate, count_epoch_batches,
                           epoch_record_groups, eval_batches, heldout_split, is_heldout, pack_by_length,
                           scan_index)
 

