@@ -13,13 +13,17 @@ Figures (DESIGN.md §10):
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this file's directory comes first on sys.path and `import cache` would import
-# this very file: put the project root first instead.
+# A script run as `python bench/<name>.py` has bench/ first on sys.path, so `import cache` would find
+# this file instead of the cache package: put the project root first instead.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+if __name__ == "cache":  # a sibling script's `import cache` landed here: hand it the real package
+    del sys.modules["cache"]
+    importlib.import_module("cache")  # the importer picks up sys.modules["cache"], the package
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -6,9 +6,10 @@
 Each case runs in a fresh subprocess so that measurements do not leak into each other.
 
 Time: every loss of a case runs in the same process, interleaved round by round (KL, TV, LK^α,
-LK^λ, ...), after one warm-up; the median forward+backward time over --repeats rounds is divided
-by KL's median from the same rounds. On CUDA that is synchronized wall time; on CPU it is the
-process's CPU time (`time.process_time`), which other jobs on a shared machine disturb far less
+LK^λ, ...), after one warm-up. Each round gives each loss's forward+backward time ÷ KL's in the
+same round (neighbours in time share the machine's load); the reported ratio is the median over
+--repeats rounds, and the times are medians. On CUDA the ratio uses synchronized wall time; on CPU
+the process's CPU time (`time.process_time`), which other jobs on a shared machine disturb less
 than wall time (both are recorded).
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated()` after a reset, minus the memory allocated
@@ -105,7 +106,10 @@ def child_time(args) -> dict:
             if rnd:
                 wall[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)
-    return {name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
+    basis = wall if args.device == "cuda" else cpu
+    # the ratio to KL within each round (adjacent runs share the machine's load), then the median
+    return {name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name]),
+                   "time_vs_kl": statistics.median(x / k for x, k in zip(basis[name], basis["kl"]))}
             for name in names}
 
 
@@ -178,9 +182,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    # On CPU the ratios use the process's CPU time (robust to other load on the machine); on CUDA
-    # the synchronized wall time.
-    basis = "wall_s" if args.device == "cuda" else "cpu_s"
     rows = []
     for v in args.vocab:
         for target in args.targets:
@@ -193,7 +194,7 @@ def main() -> None:
             times = _run_child("time", losses=names, repeats=args.repeats, **common)
             for name in names:
                 row = {"vocab": v, "n": args.n, "target": target if target == "dense" else f"top-{args.k}",
-                       "loss": name, **times[name], "time_vs_kl": times[name][basis] / times["kl"][basis]}
+                       "loss": name, **times[name]}
                 if not args.no_memory:
                     mem = _run_child("memory", loss=name, **common)
                     row.update(extra_bytes=mem["extra_bytes"], logits_bytes=mem["logits_bytes"],
@@ -202,7 +203,7 @@ def main() -> None:
                 print(_fmt(row), flush=True)
 
     meta = {"device": args.device, "dtype": args.dtype, "tail": args.tail, "repeats": args.repeats,
-            "time_basis": basis,
+            "time_basis": "wall (synchronized)" if args.device == "cuda" else "process CPU time",
             "torch_threads": args.threads or _threads(), "cpu_count": os.cpu_count(),
             "memory_method": "cuda max_memory_allocated" if args.device == "cuda"
             else "VmHWM - VmRSS after clear_refs=5, one subprocess per (case, loss)"}

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    load_at_start = os.getloadavg()[0]
     workdir = Path(args.workdir)
     cache = Path(args.cache) if args.cache else build_cache(workdir, args.target, sequences=args.sequences,
                                                             max_len=args.max_len, k=args.k, shards=args.shards)
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     kl = train["kl"]
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "cuda": torch.cuda.is_available()},
+                    "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+                    "load_average_1min": [load_at_start, os.getloadavg()[0]]},
         "setup": {"target": args.target, "drafter": args.drafter, "k": args.k, "batch_tokens": args.batch_tokens,
                   "steps": args.steps, "skip": args.skip, "zero": 2, "workers": 1, "dtype": "fp32",
                   "cache": str(cache)},

@@ -125,6 +125,9 @@ def run_bench(config: BenchConfig) -> Path:
         records, threads = _run_on_actors(config, target.path, drafters, items)
     elapsed = time.time() - started
 
+    order = {name: i for i, name in enumerate([BASELINE] + [d.name for d in drafters])}
+    bench_order = {item["benchmark"]: i for i, item in reversed(list(enumerate(items)))}
+    records.sort(key=lambda r: (bench_order[r["benchmark"]], r["index"], r["temperature"], order[r["drafter"]]))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     report = summarize(records, drafters=[d.name for d in drafters], k=config.k)
@@ -134,7 +137,7 @@ def run_bench(config: BenchConfig) -> Path:
     report["wall_seconds"] = elapsed
     write_report(report, out)
     with open(out / "outputs.jsonl", "w") as handle:
-        for record in sorted(records, key=_record_order):
+        for record in records:
             text = tokenizer.decode(record["output_ids"], skip_special_tokens=False)
             handle.write(json.dumps({**_public(record), "output_ids": record["output_ids"], "text": text}) + "\n")
     return out
@@ -211,7 +214,12 @@ def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafte
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    threads = config.threads_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.workers)
+    node_cpus = max(int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"])
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = config.threads_per_worker or max(1, min(node_cpus, total_cpus // config.workers))
+    if threads > node_cpus:
+        raise BenchConfigError(f"threads_per_worker={threads} exceeds the largest node's {node_cpus} CPUs: "
+                               "no actor could ever be placed")
     actor_cls = ray.remote(num_cpus=threads)(BenchWorker)
     actors = [
         actor_cls.remote(
@@ -279,11 +287,6 @@ class BenchWorker:
         seconds = time.perf_counter() - start
         return {"drafter": name, "temperature": temperature, "seconds": seconds,
                 "output_ids": output.tolist(), "stats": stats}
-
-
-def _record_order(record: dict):
-    return (record["benchmark"], record["index"], record["temperature"], record["drafter"] != BASELINE,
-            record["drafter"])
 
 
 def _public(record: dict) -> dict:

@@ -16,7 +16,7 @@ from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 refuses local clusters without it
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -140,16 +140,15 @@ def build_cache(config: BuildConfig) -> Path:
     return run_build(config).path
 
 
-def run_build(config: BuildConfig, log=None) -> BuildOutcome:
+def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> BuildOutcome:
     """build_cache with the details: whether the cache was reused, and the stats of this run."""
     from cache import content_key, create_manifest, load_manifest
+    from pipeline.data import open_dataset
 
     log = log or _stderr
     started = time.perf_counter()
     config.validate()
     target = _load_target(config)
-    from pipeline.data import open_dataset
-
     dataset = open_dataset(config.data)
     identity = cache_identity(config, target, dataset.identity)
     key = content_key(identity)
@@ -192,6 +191,7 @@ def run_build(config: BuildConfig, log=None) -> BuildOutcome:
         manifest.finalize()
     except OSError as exc:
         raise _disk_error(exc, cache_dir) from None
+    _remove_temp_files(cache_dir)
     plan.skipped.update(run.skipped)
     stats = _stats(config, manifest, plan, len(shards) - len(pending), run, time.perf_counter() - started)
     _write_json(cache_dir / STATS_NAME, stats)
@@ -401,6 +401,14 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
         progress.close()
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
+
+
+def _remove_temp_files(cache_dir: Path) -> None:
+    """Drop the temp files of writers killed mid-write: the finished cache no longer needs any."""
+    from cache.atomic import TEMP_PREFIX
+
+    for temp in cache_dir.glob(f"{TEMP_PREFIX}*"):
+        temp.unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipeline.cli import CliError
 
-TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a dead writer
 
 
@@ -297,6 +296,8 @@ def _run_cache_keys(record: object) -> set[str]:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     """`cache gc`: remove unreferenced complete caches, stale incomplete builds and dead temp files."""
+    from cache.atomic import TEMP_PREFIX
+
     runs_dirs = args.runs or [Path("runs")]
     existing = [d for d in runs_dirs if d.is_dir()]
     if not existing:

@@ -281,7 +281,7 @@ class _SparseRows:
         coef_off_k = coef + torch.where(fast, tail_coef / torch.where(fast, tail, 1.0), 0.0)
         g = q.mul_(coef_off_k)
         # overwrite the K columns (no cancellation): invalid entries copy their row's first valid value
-        on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k)
+        on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k).gather(1, src)
         g.scatter_(1, idx, on_k)
         rare = ~fast[:, 0] & (tail_coef[:, 0] != 0)
         if bool(rare.any()):  # q_j / Q in log space where Q underflows

@@ -160,9 +160,9 @@ def test_real_smollm2_topk_matches_an_independent_forward(smollm2_path, ray_addr
 
     from pipeline.models import load_model
 
-    data = write_conversations(tmp_path / "short.jsonl", 4, seed=1, reply_words=(10, 40))
-    config = BuildConfig(target="smollm2-135m", data=str(data), out=tmp_path / "caches", k=8, max_length=160,
-                         workers=1, threads=2, dtype="fp32", shard_size=2, progress=False)
+    data = write_conversations(tmp_path / "short.jsonl", 4, seed=1, reply_words=(8, 24))
+    config = BuildConfig(target="smollm2-135m", data=str(data), out=tmp_path / "caches", k=8, max_length=128,
+                         workers=1, threads=2, dtype="fp32", shard_size=4, progress=False)
     reader = open_cache(run_build(config).path)
     model = load_model(smollm2_path, dtype="fp32")
     compared = 0
@@ -198,23 +198,24 @@ def test_regenerate_stores_the_targets_own_replies_deterministically(ray_address
     data = write_conversations(tmp_path / "prompts.jsonl", 3, seed=2, reply_words=(5, 10))
     config = tiny_config(tiny_llama_dir, data, tmp_path / "caches", regenerate=True, max_new_tokens=12, seed=7,
                          dtype="fp32", features=(), workers=1)
-    records = {r.sample_id: r for r in open_cache(run_build(config).path).iter_sequences()}
-    plain = tiny_config(tiny_llama_dir, data, tmp_path / "caches", dtype="fp32", features=(), workers=1)
-    from pipeline.build import _load_target, cache_identity
-    from pipeline.data import open_dataset
-
-    target = _load_target(plain)
-    assert cache_identity(plain, target, open_dataset(str(data)).identity)["generation"] == {"regenerate": False}
+    reader = open_cache(run_build(config).path)
+    assert reader.manifest["identity"]["generation"] == {"regenerate": True, "temperature": 1.0,
+                                                         "max_new_tokens": 12, "seed": 7}
+    records = {r.sample_id: r for r in reader.iter_sequences()}
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = load_model(tiny_llama_dir, dtype="fp32")
-    torch.set_num_threads(1)
-    for conversation in read_conversations(str(data)):
-        messages = regenerate(model, tokenizer, conversation.messages, sample_id=conversation.sample_id, seed=7,
-                              max_new_tokens=12, max_length=512)
-        assert messages[0] == conversation.messages[0] and messages[1] != conversation.messages[1]
-        expected = tokenize_conversation(tokenizer, messages, 512)
-        assert np.array_equal(records[conversation.sample_id].input_ids, expected.input_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the worker (--threads 1)
+    try:
+        for conversation in read_conversations(str(data)):
+            messages = regenerate(model, tokenizer, conversation.messages, sample_id=conversation.sample_id, seed=7,
+                                  max_new_tokens=12, max_length=512)
+            assert messages[0] == conversation.messages[0] and messages[1] != conversation.messages[1]
+            expected = tokenize_conversation(tokenizer, messages, 512)
+            assert np.array_equal(records[conversation.sample_id].input_ids, expected.input_ids)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_nan_logits_stop_the_build_naming_the_sample(ray_address, tiny_llama_dir, tmp_path):

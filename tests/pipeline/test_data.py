@@ -194,3 +194,10 @@ def test_packaged_datasets_read_item_by_item():
     assert first.sample_id == "QWJhYvA_0" and first.messages[0]["role"] == "user"
     alpaca = read_conversations("alpaca-demo")
     assert len(alpaca) == 999 and alpaca[0].messages[1]["role"] == "assistant"
+
+
+def test_a_failed_package_fetch_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LKSPEC_HOME", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network access for pip: the download must fail
+    with pytest.raises(DataError, match=r"could not fetch llamafactory==0\.9\.5 with pip into .*packages"):
+        open_dataset("alpaca-demo")
