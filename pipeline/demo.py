@@ -49,6 +49,7 @@ def run_demo(config: DemoConfig) -> Path:
         target=config.target, data=config.data, out=out / "caches", k=config.k,
         limit=config.conversations, max_length=config.max_length, workers=config.workers,
         dtype="bf16", address=config.address, progress=config.progress, seed=config.seed,
+        skip_invalid=True,  # ShareGPT has a few empty turns: skip and count them
     )
     train_base = TrainConfig(
         cache="", out=str(out / "runs"), drafter=config.drafter, init_embeddings_from="target",
