@@ -158,8 +158,8 @@ def main() -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k, "temperature": 0.0,
-        "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k,
+        "temperature": 0.0, "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows,
         "ours_over_hf_tokens_per_s": ratio, "ours_over_hf_tokens_per_cpu_s": cpu_ratio,

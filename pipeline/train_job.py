@@ -106,7 +106,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
                                      f"{target_path} has {target_config.vocab_size}")
         if config.init_embeddings_from == "target":
             init_embeddings = (target_path, int(target_config.hidden_size))
-    index = scan_index(reader)
+    index = _index(reader)
     max_positions = max([max_positions] + [e.num_tokens for e in index])
     spec = resolve_drafter_spec(
         config.drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
@@ -133,6 +133,18 @@ def plan_run(config: TrainConfig) -> RunPlan:
     )
     _check_run_dir(plan)
     return plan
+
+
+_INDEXES: dict[str, list] = {}
+
+
+def _index(reader) -> list:
+    """The cache's sequence index, scanned once per process (a cache key names immutable content)."""
+    key = f"{reader.path.resolve()}:{reader.manifest['key']}"
+    if key not in _INDEXES:
+        _INDEXES.clear()
+        _INDEXES[key] = scan_index(reader)
+    return _INDEXES[key]
 
 
 def _same_model(recorded: dict, identity: dict) -> bool:

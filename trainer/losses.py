@@ -142,11 +142,11 @@ class _DenseRows:
             return self.t[rows].to(self.cdt)  # read only
         return self._logp(rows).exp_()
 
-    def _mass(self, p: Tensor) -> tuple[Tensor, Tensor]:
+    def _mass(self, p: Tensor) -> tuple[Tensor | float, Tensor | float]:
         """(1/m, s): m the target mass that KL renormalizes by (1 without a map), s = Σ p / m."""
-        psum = p.sum(-1, keepdim=True)
         if self.vocab_map is None:
-            return torch.ones_like(psum), psum
+            return 1.0, (1.0 if self.is_logits else p.sum(-1, keepdim=True))
+        psum = p.sum(-1, keepdim=True)
         inv_m = torch.where(psum > 0, 1.0 / psum, 0.0)
         return inv_m, psum * inv_m
 
@@ -156,8 +156,9 @@ class _DenseRows:
         kl_raw = F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)  # Σ p (log p − log q)
         p, q = logp.exp_(), logq.exp_()
         alpha = torch.minimum(p, q).sum(-1)
-        inv_m, _ = self._mass(p)
-        inv_m = inv_m.squeeze(-1)
+        if self.vocab_map is None:
+            return kl_raw, alpha, None
+        inv_m = self._mass(p)[0].squeeze(-1)
         # KL(p/m ‖ q) = Σ p (log p − log q) / m − log m
         kl = torch.where(inv_m > 0, kl_raw * inv_m + torch.where(inv_m > 0, inv_m, 1.0).log(), 0.0)
         return kl, alpha, None
