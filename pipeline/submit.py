@@ -5,6 +5,7 @@ import asyncio
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -40,7 +41,7 @@ def submit_job(config: SubmitConfig) -> int:
 
     client = JobSubmissionClient(config.address)
     env_vars = {"RAY_AUTH_MODE": "disabled", **config.env}
-    job_id = client.submit_job(entrypoint=config.entrypoint, runtime_env={"env_vars": env_vars})
+    job_id = _submit_when_agent_ready(client, config.entrypoint, {"env_vars": env_vars})
     print(f"submitted job {job_id}: {config.entrypoint}", file=sys.stderr, flush=True)
     if not config.wait:
         print(job_id)
@@ -59,6 +60,18 @@ def submit_job(config: SubmitConfig) -> int:
     if info.driver_exit_code is not None:
         return int(info.driver_exit_code)
     return 0 if str(info.status) == "SUCCEEDED" else 1
+
+
+def _submit_when_agent_ready(client, entrypoint: str, runtime_env: dict, timeout_s: float = 60.0) -> str:
+    """Submit, retrying while a freshly started head has no job agent registered yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 async def _stream_logs(client, job_id: str) -> None:
