@@ -10,7 +10,8 @@ trainer.loop.run_worker; medians over the steps after --skip warm-up steps):
 - train: tokens/s (all measured steps; and of the fastest step, less disturbed by other jobs on a
   shared machine) and median ms/step of each loss (kl, tv, lk_alpha, lk_lambda) from the cached top-k.
 - online: the same KL step with `--target-source online` (the target model runs a forward per step
-  and supplies the full distribution); reported as ms/step and ÷ the cached-target step.
+  and supplies the full distribution); reported as ms/step and ÷ the cached-target step, plus the
+  target forward alone on the same batches (tokens/s), which is what `online` adds to every step.
 - loader: decode + collate throughput of the batch stream alone (one thread, no training), in
   tokens/s, ÷ the trainer's consumption (KL from the cache). The goal is ≥ 10: the loader's
   background thread then needs < 10 % of a core to keep a worker fed.
@@ -146,6 +147,35 @@ def train_case(cache: Path, runs: Path, *, loss: str, source: str, args) -> dict
     }
 
 
+def target_forward_case(cache: Path, target: str, *, batch_tokens: int, batches: int) -> dict:
+    """What `online` adds to a step: the target's no-grad forward on the same batches (fp32, this process)."""
+    import torch
+
+    from cache import open_cache
+    from pipeline.models import resolve_model
+    from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
+    from trainer.loop import TargetSource
+
+    reader = open_cache(cache)
+    split = heldout_split(scan_index(reader), 0.05, 16)
+    spec = LoaderSpec(rank=0, world_size=1, seed=0, batch_tokens=batch_tokens,
+                      heldout_threshold=split.heldout_threshold)
+    source = TargetSource("online", str(resolve_model(target).path), "fp32", torch.device("cpu"))
+    stream = BatchStream(reader, spec, prefetch=2)
+    try:
+        source(next(stream))  # warm-up
+        per_token = []
+        for _ in range(batches):
+            batch = next(stream)
+            started = time.perf_counter()
+            source(batch)
+            per_token.append((time.perf_counter() - started) / batch.num_tokens)
+    finally:
+        stream.close()
+    return {"ms_per_1k_tokens_median": 1e6 * statistics.median(per_token),
+            "ms_per_1k_tokens_best": 1e6 * min(per_token)}
+
+
 def loader_case(cache: Path, *, batch_tokens: int, batches: int) -> dict:
     """Decode + collate throughput of the batch stream alone (epochs cycle as needed)."""
     from cache import open_cache
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     loader = loader_case(cache, batch_tokens=args.batch_tokens, batches=args.loader_batches)
     train = {loss: train_case(cache, runs, loss=loss, source="cache", args=args) for loss in LOSSES}
     online = train_case(cache, runs, loss="kl", source="online", args=args)
+    forward = target_forward_case(cache, args.target, batch_tokens=args.batch_tokens, batches=4)
     kl = train["kl"]
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
@@ -212,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                   "steps": args.steps, "skip": args.skip, "zero": 2, "workers": 1, "dtype": "fp32",
                   "cache": str(cache)},
         "train": train,
-        "online": {**online, "step_ratio_vs_cache": online["step_ms"] / kl["step_ms"]},
+        "online": {**online, "step_ratio_vs_cache": online["step_ms"] / kl["step_ms"], "target_forward": forward,
+                   # the least-disturbed estimate: target forward time per token ÷ a cached-target step's
+                   "best_ratio_vs_cache": 1 + forward["ms_per_1k_tokens_best"] / (1e6 / kl["tokens_per_s_best"])},
         "loader": {**loader, "ratio_vs_trainer": loader["tokens_per_s"] / kl["tokens_per_s"], "goal": 10},
     }
     rows = [(f"train {loss} (cache)", c) for loss, c in train.items()] + [("train kl (online target)", online)]
@@ -220,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, case in rows:
         print(f"{name:28} {case['tokens_per_s']:10.0f} {case['tokens_per_s_best']:10.0f} {case['step_ms']:9.0f} "
               f"{case['step_ms'] / kl['step_ms']:6.2f}")
+    print(f"{'target forward (online adds)':28} {1e6 / forward['ms_per_1k_tokens_median']:10.0f} "
+          f"{1e6 / forward['ms_per_1k_tokens_best']:10.0f}   -> online step ≈ "
+          f"{result['online']['best_ratio_vs_cache']:.2f} × cached-target step (fastest steps)")
     print(f"{'loader decode+collate':28} {loader['tokens_per_s']:10.0f} {'':>9} "
           f"÷ trainer = {result['loader']['ratio_vs_trainer']:.1f} (goal ≥ 10)")
     out = Path(args.out)
