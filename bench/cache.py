@@ -61,24 +61,12 @@ def select_conversations(count: int, max_length: int, tokenizer):
     return conversations, samples
 
 
-def padded(samples):
-    import torch
-
-    lengths = [len(s.input_ids) for s in samples]
-    input_ids = torch.zeros((len(samples), max(lengths)), dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for b, sample in enumerate(samples):
-        input_ids[b, : lengths[b]] = torch.from_numpy(sample.input_ids.astype(np.int64))
-        attention[b, : lengths[b]] = 1
-    return input_ids, attention
-
-
 def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> dict:
     """Interleaved per batch: bare forward (full logits) vs the worker's job; plus shard encode + commit."""
     import torch
 
     from cache import CacheWriter, SequenceRecord
-    from pipeline.target_worker import plan_batches, target_topk
+    from pipeline.target_worker import pad_batch, plan_batches, target_topk
 
     bare_s = topk_s = write_s = 0.0
     tokens = 0
@@ -88,7 +76,7 @@ def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> 
             records = [None] * len(shard)
             for batch in plan_batches([len(s.input_ids) for s in shard], token_budget):
                 samples = [shard[i] for i in batch]
-                input_ids, attention = padded(samples)
+                input_ids, attention = pad_batch(samples)
                 start = time.perf_counter()
                 with torch.inference_mode():
                     model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits

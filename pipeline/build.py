@@ -13,15 +13,15 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 refuses local clusters without it
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pipeline.ray_session import ray_session  # noqa: E402
 from pipeline.target_worker import BuildError, Sample, ShardTask, WorkerSpec, aux_layers  # noqa: E402
 
 STATS_NAME = "stats.json"
@@ -185,7 +185,8 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     )
     run = _RunState()
     if pending:
-        with _ray_session(config):
+        cpus = max(os.cpu_count() or 1, config.workers * config.threads_per_worker())
+        with ray_session(config.address, num_cpus=cpus):
             _dispatch(pending, spec, manifest, config, key, run)
     try:
         manifest.finalize()
@@ -300,25 +301,6 @@ class _RunState:
     worker_restarts: int = 0
     workers: int = 0
     skipped: Counter = field(default_factory=Counter)
-
-
-@contextmanager
-def _ray_session(config: BuildConfig) -> Iterator[None]:
-    """Use the in-process Ray if there is one, else connect to --address, else start a local cluster."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if config.address:
-        ray.init(address=config.address, log_to_driver=False)
-    else:
-        cpus = max(os.cpu_count() or 1, config.workers * config.threads_per_worker())
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def worker_name(key: str, slot: int, generation: int) -> str:

@@ -50,6 +50,7 @@ def run_demo(config: DemoConfig) -> Path:
         limit=config.conversations, max_length=config.max_length, workers=config.workers,
         dtype="bf16", address=config.address, progress=config.progress, seed=config.seed,
         skip_invalid=True,  # ShareGPT has a few empty turns: skip and count them
+        shard_size=16,  # small shards: steady progress and even load over the workers
     )
     train_base = TrainConfig(
         cache="", out=str(out / "runs"), drafter=config.drafter, init_embeddings_from="target",

@@ -83,6 +83,19 @@ def plan_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def pad_batch(samples: Sequence[Sample]):
+    """Right-padded input ids and attention mask `[batch, max_len]` (int64) of a batch of samples."""
+    import torch
+
+    lengths = [len(s.input_ids) for s in samples]
+    input_ids = torch.zeros((len(samples), max(lengths)), dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for b, sample in enumerate(samples):
+        input_ids[b, : lengths[b]] = torch.from_numpy(sample.input_ids.astype(np.int64))
+        attention[b, : lengths[b]] = 1
+    return input_ids, attention
+
+
 def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str] = (),
                 aux: Sequence[int] = ()) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """One padded teacher-forced forward of a batch: per sample (topk_ids [P,k], topk_logprobs [P,k], features).
@@ -93,12 +106,8 @@ def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str
     """
     import torch
 
+    input_ids, attention = pad_batch(samples)
     lengths = [len(s.input_ids) for s in samples]
-    input_ids = torch.zeros((len(samples), max(lengths)), dtype=torch.long)
-    attention = torch.zeros_like(input_ids)
-    for b, sample in enumerate(samples):
-        input_ids[b, : lengths[b]] = torch.from_numpy(sample.input_ids.astype(np.int64))
-        attention[b, : lengths[b]] = 1
     with torch.inference_mode():
         outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention,
                                       output_hidden_states=bool(features), use_cache=False)

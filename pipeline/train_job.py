@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
 from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
@@ -221,21 +222,6 @@ def _check_run_dir(plan: RunPlan) -> None:
                           f"{flag('cache')} is {plan.cache_key}")
 
 
-def connect_ray(address: str | None = None) -> None:
-    """Connect to the cluster at `address` (or $RAY_ADDRESS), or start a local one; no-op if connected."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    elif os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
-
-
 def train_sweep(configs: list[TrainConfig], *, address: str | None = None, progress: bool = True) -> list[Path]:
     """Plan every run (all checks before Ray), then train them in order; return the run directories.
 
@@ -245,15 +231,15 @@ def train_sweep(configs: list[TrainConfig], *, address: str | None = None, progr
     dirs = [plan.run_dir for plan in plans]
     if len(set(dirs)) != len(dirs):
         raise ConfigError(f"two runs of the sweep would share a directory: {sorted(dirs)}")
-    connect_ray(address)
     groups: list[list[RunPlan]] = []
     for plan in plans:
         if groups and groups[-1][0].config.workers == plan.config.workers:
             groups[-1].append(plan)
         else:
             groups.append([plan])
-    for group in groups:
-        train_runs(group, progress=progress)
+    with ray_session(address):
+        for group in groups:
+            train_runs(group, progress=progress)
     return [Path(d) for d in dirs]
 
 
