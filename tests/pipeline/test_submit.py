@@ -32,7 +32,12 @@ def jobs_address():
     subprocess.run(
         [ray_cli, "start", "--head", f"--port={_free_port()}", "--num-cpus=1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dashboard_port}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # another Ray on this machine (the session's ray_address cluster) holds the default
+         # agent ports: take free ones so that this head's job agent can start
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         check=True, env=env, capture_output=True, timeout=120,
     )
     address = f"http://127.0.0.1:{dashboard_port}"
