@@ -89,3 +89,14 @@ def tiny_target_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 def tiny_cache(tmp_path_factory, tiny_target_dir) -> Path:
     """48 sequences of 12-40 tokens in 4 shards, k=16, from a real forward of the tiny target."""
     return build_cache(tmp_path_factory.mktemp("caches"), tiny_target_dir, random_sequences(48))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: intra-op threads only add synchronisation latency (large on a busy machine)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,12 +12,7 @@ import torch
 from trainer.losses import LOSS_NAMES, DenseTarget, SparseTarget, compute_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def low_rank_study(steps: int = 200, seed: int = 0) -> dict[str, float]:
