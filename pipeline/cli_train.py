@@ -7,8 +7,10 @@ import json
 from pipeline.cli import CliError
 
 EXAMPLE = (
-    "example: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
-    "--loss kl,lk_lambda --out runs --steps 2000 --workers 2 --zero 2"
+    "examples: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
+    "--loss kl,lk_lambda --out runs --steps 2000 --workers 2 --zero 2; "
+    "lkspec train --cache <an aux cache> --drafter eagle3:draft_vocab=8192,steps=6 "
+    "--loss kl,lk_lambda --out runs"
 )
 
 
@@ -29,15 +31,19 @@ def register(subparsers) -> None:
     data = parser.add_argument_group("what to train")
     data.add_argument("--cache", required=True, metavar="DIR", help="cache directory (from `lkspec cache build`)")
     data.add_argument("--drafter", default="tiny", metavar="SPEC",
-                      help="architecture preset (tiny: 2 layers, hidden 256; small: 4 layers, hidden 512) "
-                      "or a Hugging Face model directory sharing the target's tokenizer (default: tiny)")
+                      help="architecture preset (tiny: 2 layers, hidden 256; small: 4 layers, hidden 512), "
+                      "a Hugging Face model directory sharing the target's tokenizer, or "
+                      "eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys hidden, heads, "
+                      "kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta) "
+                      "(default: tiny)")
     data.add_argument("--drafter-config", default="", metavar="K=V,...",
                       help="override preset fields: layers, hidden, heads, kv_heads, intermediate, "
-                      "max_positions, rope_theta, tie_embeddings (e.g. layers=4,hidden=384,heads=6)")
+                      "max_positions, rope_theta, tie_embeddings (e.g. layers=4,hidden=384,heads=6); "
+                      "not for eagle3, whose options follow `eagle3:`")
     data.add_argument("--init-embeddings-from", choices=["target"], default=None,
                       help="copy the target's token embeddings into the drafter (its width becomes the target's)")
     data.add_argument("--loss", default="kl", metavar="LOSS[,LOSS...]",
-                      help="kl, tv, lk_alpha, lk_lambda; several = a sweep (default: kl)")
+                      help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
     data.add_argument("--out", required=True, metavar="RUNS", help="runs directory")
     data.add_argument("--run-name", default=None,
                       help="run directory name (default <loss>-<cache key[:8]>-s<seed>; a sweep appends -<loss>)")
@@ -121,7 +127,8 @@ def configs_from_args(args: argparse.Namespace):
             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
             keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
         )
-        losses = [loss.strip() for loss in str(args.loss).split(",") if loss.strip()]
+        # lk-lambda is lk_lambda
+        losses = [loss.strip().replace("-", "_") for loss in str(args.loss).split(",") if loss.strip()]
         return sweep_configs(base, losses)
     except (ConfigError, DrafterError) as exc:
         raise CliError(str(exc)) from exc

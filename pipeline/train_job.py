@@ -9,6 +9,7 @@ All runs of a sweep read the same cache directory; nothing rebuilds or rewrites 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -55,6 +56,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from cache import CacheMismatchError, open_cache
     from pipeline.models import resolve_model, tokenizer_fingerprint
     from trainer.drafters import resolve_drafter_spec
+    from trainer.eagle3_drafter import is_eagle3
 
     config.validate()
     cache_path = Path(config.cache).expanduser().resolve()
@@ -97,7 +99,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         raise CacheMismatchError(f"cache {key} was built with tokenizer sha256 {manifest['tokenizer_sha256']}, "
                                  f"the drafter's tokenizer ({tokenizer_dir}) has {fingerprint}")
 
-    init_embeddings = None
+    init_embeddings = target_config = None
     max_positions = 2048
     if target_path is not None:
         target_config = AutoConfig.from_pretrained(target_path)
@@ -109,14 +111,17 @@ def plan_run(config: TrainConfig) -> RunPlan:
             init_embeddings = (target_path, int(target_config.hidden_size))
     index = _index(reader)
     max_positions = max([max_positions] + [e.num_tokens for e in index])
-    spec = resolve_drafter_spec(
-        config.drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
-        token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
-        init_embeddings=init_embeddings)
-    columns: list[str] = []  # independent drafters read no feature column
+    split = heldout_split(index, config.heldout_fraction, config.eval_sequences)
+    if is_eagle3(config.drafter):
+        spec = _eagle3_spec(config, reader, cache_path, target_path, target_config, split, max_positions)
+    else:
+        spec = resolve_drafter_spec(
+            config.drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
+            token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+            init_embeddings=init_embeddings)
+    columns = ["aux"] if spec.kind == "eagle3" else []  # the feature columns the drafter reads
     reader.check_compatible(requires_features=columns)
 
-    split = heldout_split(index, config.heldout_fraction, config.eval_sequences)
     if split.num_train < config.workers:
         raise DataError(f"cache {key} has {split.num_train} training sequences for {config.workers} workers "
                         f"({flag('workers')}): each worker needs at least one")
@@ -136,7 +141,48 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return plan
 
 
+def _eagle3_spec(config: TrainConfig, reader, cache_path: Path, target_path: str, target_config, split,
+                 max_positions: int):
+    """The EAGLE-3 DrafterSpec: the cache must hold the aux features; the draft vocabulary comes from its targets."""
+    from cache import CacheMismatchError
+    from trainer.eagle3_drafter import draft_vocab_size, resolve_eagle3_spec
+
+    manifest = reader.manifest
+    aux = manifest["features"].get("aux")
+    if aux is None:
+        try:
+            stats = json.loads((cache_path / "stats.json").read_text())
+        except (OSError, ValueError):
+            stats = {}
+        raise CacheMismatchError(
+            f"cache {manifest['key']} has no 'aux' feature column (features: "
+            f"{', '.join(manifest['features']) or 'none'}): EAGLE-3 drafters read three of the target's hidden "
+            f"states per position. Build a cache with them: lkspec cache build --target {stats.get('target', 'MODEL')} "
+            f"--data {stats.get('data', 'DATA')} --features aux (plus the other flags of the original build)")
+    vocab = _draft_vocabulary(reader, draft_vocab_size(config.drafter, manifest["vocab_size"]),
+                              split.heldout_threshold)
+    spec = resolve_eagle3_spec(config.drafter, vocab_size=manifest["vocab_size"], target_config=target_config,
+                               target_path=target_path, aux=aux, draft_ids=vocab.ids, max_positions=max_positions,
+                               draft_vocab_mass=vocab.mass)
+    if config.init_embeddings_from == "target" and spec.init_embeddings_path is None:
+        raise ConfigError(f"{flag('init_embeddings_from')} target: the target's embeddings have width "
+                          f"{target_config.hidden_size}, the drafter has hidden={spec.hf_config['hidden_size']}")
+    return spec
+
+
 _INDEXES: dict[str, list] = {}
+_VOCABULARIES: dict[tuple, object] = {}
+
+
+def _draft_vocabulary(reader, size: int, heldout_threshold: int):
+    """trainer.eagle3_drafter.draft_vocabulary, computed once per process for a (cache, size, split) (a sweep)."""
+    from trainer.eagle3_drafter import draft_vocabulary
+
+    key = (str(reader.path.resolve()), reader.manifest["key"], size, heldout_threshold)
+    if key not in _VOCABULARIES:
+        _VOCABULARIES.clear()
+        _VOCABULARIES[key] = draft_vocabulary(reader, size, heldout_threshold)
+    return _VOCABULARIES[key]
 
 
 def _index(reader) -> list:
@@ -160,8 +206,6 @@ def locate_target(cache_path: Path, identity: dict) -> str | None:
     Tried in order: `target_path` in the identity; the target spec `lkspec cache build` wrote to the
     cache's stats.json; the models already converted under $LKSPEC_HOME/models.
     """
-    import json
-
     from pipeline.models import IDENTITY_FILE, lkspec_home, resolve_model
 
     if isinstance(identity.get("target_path"), str) and Path(identity["target_path"]).is_dir():
@@ -302,12 +346,19 @@ def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> None:
     update_run(
         run_dir, name=run_dir.name, status="pending", loss=config.loss, run_dir=str(run_dir),
         cache={"path": plan.cache_path, "key": plan.cache_key, "k": plan.k},
-        drafter=plan.drafter, target_source=config.target_source, tail=config.tail, total_steps=plan.total_steps,
+        drafter=_drafter_summary(plan.drafter), target_source=config.target_source, tail=config.tail,
+        total_steps=plan.total_steps,
         config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
         heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
                  "num_train": plan.num_train_sequences, "eval_sequences": len(plan.eval_ids)},
         error=None,
     )
+
+
+def _drafter_summary(drafter: dict[str, Any]) -> dict[str, Any]:
+    """run.json's drafter entry: the spec, a draft vocabulary's id list replaced by its size (plan.json has it)."""
+    ids = drafter.get("draft_vocab")
+    return {**drafter, "draft_vocab": len(ids)} if ids is not None else dict(drafter)
 
 
 class _ProgressBar:

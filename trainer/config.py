@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from trainer.drafters import DrafterError
+from trainer.eagle3_drafter import is_eagle3, parse_eagle3
 from trainer.losses import LOSS_NAMES, TAIL_MODES
 
 DTYPES = ("auto", "fp32", "bf16")
@@ -35,8 +37,8 @@ class TrainConfig:
     cache: str  # cache directory (a `lkspec cache build` output)
     out: str  # runs root: the run lives in <out>/<run_name>/
     loss: str = "kl"
-    drafter: str = "tiny"  # preset name (tiny, small) or a Hugging Face model directory
-    drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset
+    drafter: str = "tiny"  # preset (tiny, small), a Hugging Face model directory, or eagle3[:KEY=VALUE,...]
+    drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (not eagle3)
     init_embeddings_from: str | None = None  # "target": copy the target's token embeddings
     run_name: str | None = None  # default <loss>-<cache key[:8]>-s<seed>
     steps: int | None = None  # optimizer steps (exclusive with epochs)
@@ -98,6 +100,14 @@ class TrainConfig:
                 raise ConfigError(f"{flag(key)} must be a non-empty string")
         if not isinstance(self.drafter_config, dict):
             raise ConfigError(f"{flag('drafter_config')} must be a mapping like layers=2,hidden=256")
+        if is_eagle3(self.drafter):
+            try:
+                parse_eagle3(self.drafter)
+            except DrafterError as exc:
+                raise ConfigError(str(exc)) from None
+            if self.drafter_config:
+                raise ConfigError(f"{flag('drafter_config')} does not apply to EAGLE-3 drafters: give their options "
+                                  "in --drafter, e.g. --drafter eagle3:draft_vocab=4096,steps=6")
         if self.init_embeddings_from not in (None, "target"):
             raise ConfigError(f"{flag('init_embeddings_from')} must be 'target', got {self.init_embeddings_from!r}")
         if self.run_name is not None:

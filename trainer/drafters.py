@@ -4,8 +4,8 @@ A drafter is an `nn.Module` whose forward maps a batch (token ids, attention mas
 the trained targets, plus any cache feature columns it declared) to one `DraftStep` per draft step:
 draft logits scored against the batch's target rows. An `independent` drafter is a Hugging Face
 causal LM sharing the target's tokenizer: one step, logits at the positions that predict each
-trained token. EAGLE-3 (a later drafter) declares `required_columns = ("aux",)`, returns several
-steps, and sets `vocab_map` (its reduced vocabulary's d2t).
+trained token. EAGLE-3 (trainer.eagle3_drafter) declares `required_columns = ("aux",)`, returns
+several steps, and sets `vocab_map` (its reduced vocabulary's target ids).
 """
 from __future__ import annotations
 
@@ -63,6 +63,10 @@ class Drafter(nn.Module):
         """Write the drafter in the layout its consumers load (needs full, un-partitioned weights)."""
         raise NotImplementedError
 
+    def reload(self, model_dir: Path, dtype: torch.dtype) -> Drafter:  # pragma: no cover - interface
+        """The export in model_dir loaded back as a drafter of this kind (eval mode), for the export check."""
+        raise NotImplementedError
+
 
 class IndependentDrafter(Drafter):
     """A Hugging Face causal LM drafting on its own: logits at position t−1 predict token t."""
@@ -102,17 +106,25 @@ class IndependentDrafter(Drafter):
 
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
 
+    def reload(self, model_dir: Path, dtype: torch.dtype) -> IndependentDrafter:
+        """The export loaded back with AutoModelForCausalLM."""
+        from transformers import AutoModelForCausalLM
+
+        return IndependentDrafter(AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)).eval()
+
 
 @dataclass(frozen=True)
 class DrafterSpec:
     """A resolved drafter description: identical on every worker, recorded in run.json."""
 
-    kind: str  # independent
-    label: str  # what the user asked for: "tiny", "tiny+layers=3", or a directory
+    kind: str  # independent | eagle3
+    label: str  # what the user asked for: "tiny", "tiny+layers=3", a directory, "eagle3:steps=4"
     source: str  # "config" (built from hf_config) | "dir" (from_pretrained(path))
-    hf_config: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs (source=config)
+    hf_config: dict[str, Any] = field(default_factory=dict)  # LlamaConfig / Eagle3Config kwargs (source=config)
     path: str | None = None  # Hugging Face directory (source=dir)
     init_embeddings_path: str | None = None  # target directory whose input embeddings are copied
+    settings: dict[str, Any] = field(default_factory=dict)  # eagle3: steps, freeze_embeddings, draft_vocab_mass
+    draft_vocab: list[int] | None = None  # eagle3: the draft vocabulary's target ids, ascending
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,25 +143,26 @@ def parse_arch_overrides(text: str) -> dict[str, Any]:
         if not sep or key not in ARCH_KEYS:
             raise DrafterError(f"--drafter-config: bad item {item!r}; expected KEY=VALUE with KEY in "
                                f"{', '.join(ARCH_KEYS)}")
-        overrides[key] = _arch_value(key, value.strip())
+        overrides[key] = option_value(key, value.strip())
     return overrides
 
 
-def _arch_value(key: str, value: Any) -> Any:
-    if key == "tie_embeddings":
+def option_value(key: str, value: Any, flag: str = "--drafter-config") -> Any:
+    """One architecture option as its type: true/false for *_embeddings keys, a float rope_theta, else an int > 0."""
+    if key.endswith("_embeddings"):
         if isinstance(value, bool):
             return value
         if str(value).lower() in ("1", "true", "yes"):
             return True
         if str(value).lower() in ("0", "false", "no"):
             return False
-        raise DrafterError(f"--drafter-config {key} must be true or false, got {value!r}")
+        raise DrafterError(f"{flag} {key} must be true or false, got {value!r}")
     try:
         number = float(value) if key == "rope_theta" else int(value)
     except (TypeError, ValueError):
-        raise DrafterError(f"--drafter-config {key} must be a number, got {value!r}") from None
+        raise DrafterError(f"{flag} {key} must be a number, got {value!r}") from None
     if number <= 0:
-        raise DrafterError(f"--drafter-config {key} must be > 0, got {value!r}")
+        raise DrafterError(f"{flag} {key} must be > 0, got {value!r}")
     return number
 
 
@@ -161,7 +174,7 @@ def resolve_drafter_spec(drafter: str, overrides: dict[str, Any], *, vocab_size:
     `token_ids` holds bos/eos/pad ids of the target's tokenizer; `init_embeddings` is
     (target directory, target hidden size) for `--init-embeddings-from target`.
     """
-    overrides = {key: _arch_value(key, value) for key, value in overrides.items()}
+    overrides = {key: option_value(key, value) for key, value in overrides.items()}
     unknown = sorted(set(overrides) - set(ARCH_KEYS))
     if unknown:
         raise DrafterError(f"--drafter-config: unknown key(s) {unknown}; valid: {', '.join(ARCH_KEYS)}")
@@ -215,6 +228,10 @@ def resolve_drafter_spec(drafter: str, overrides: dict[str, Any], *, vocab_size:
 
 def build_drafter(spec: DrafterSpec) -> Drafter:
     """Instantiate the drafter in fp32 on CPU (weights from the directory, or initialized from torch's RNG)."""
+    if spec.kind == "eagle3":
+        from trainer.eagle3_drafter import build_eagle3
+
+        return build_eagle3(spec)
     if spec.kind != "independent":
         raise DrafterError(f"unknown drafter kind {spec.kind!r}")
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -31,7 +31,7 @@ from trainer.losses import DenseTarget, SparseTarget, combine_steps, compute_los
 from trainer.rundir import MetricsLogger, update_run
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Max |Δlogit| between the trained module and its reloaded export, relative to max(1, max |logit|):
+# Max |Δlogit| between the trained module and its reloaded export (every draft step), relative to max(1, max |logit|):
 # a few rounding units of the training precision (a wrong export is off by the logits' own size).
 EXPORT_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
 
@@ -189,36 +189,41 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
     }
 
 
-def probe_inputs(vocab_size: int, seed: int) -> Batch:
-    """A fixed random 2×16 batch scoring every position: compares the trained module with its export."""
+def probe_inputs(vocab_size: int, seed: int, feature_dims: dict[str, int] | None = None) -> Batch:
+    """A fixed random 2×16 batch scoring every position (random features too): trained module vs its export."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (2, 16), generator=generator)
     rows_b, rows_t = torch.meshgrid(torch.arange(2), torch.arange(16), indexing="ij")
+    features = {name: torch.randn(2, 16, dim, generator=generator) for name, dim in (feature_dims or {}).items()}
     return Batch(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), target_batch=rows_b.reshape(-1),
                  target_pos=rows_t.reshape(-1), topk_ids=torch.zeros(32, 1, dtype=torch.long),
-                 topk_logprobs=torch.zeros(32, 1), sample_ids=[])
+                 topk_logprobs=torch.zeros(32, 1), sample_ids=[], features=features)
 
 
-def check_export(engine, model_dir: Path, plan: RunPlan, dtype: str, device) -> dict[str, Any]:
-    """Collective: reload the export with AutoModelForCausalLM and compare its logits with the trained module's."""
+def check_export(engine, model_dir: Path, plan: RunPlan, feature_dims: dict[str, int], dtype: str,
+                 device) -> dict[str, Any]:
+    """Collective: reload the export (Drafter.reload); compare every draft step's logits with the trained module's."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
-    probe = probe_inputs(plan.vocab_size, plan.config.seed)
+    probe = probe_inputs(plan.vocab_size, plan.config.seed, {c: feature_dims[c] for c in plan.columns})
     engine.eval()
     with torch.no_grad():
-        trained = engine(probe.to(device).model_inputs())[0].logits.float().cpu()  # [32, V]
+        trained = [s.logits.float().cpu() for s in engine(probe.to(device).model_inputs())]  # per step [N_n, V]
     engine.train()
     result: dict[str, Any] = {}
     if dist.get_rank() == 0:
-        reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=TORCH_DTYPES[dtype]).to(device).eval()
+        reloaded = engine.module.reload(model_dir, TORCH_DTYPES[dtype]).to(device)
         with torch.no_grad():
-            logits = reloaded(input_ids=probe.input_ids.to(device)).logits.float().cpu().reshape(-1, trained.shape[-1])
-        diff = float((logits - trained).abs().max())
-        save_file({"input_ids": probe.input_ids.contiguous(), "logits": trained.contiguous()},
+            logits = [s.logits.float().cpu() for s in reloaded(probe.to(device).model_inputs())]
+        if [x.shape for x in logits] != [x.shape for x in trained]:
+            raise ExportError(f"{model_dir} reloads with step logits of shapes {[tuple(x.shape) for x in logits]}, "
+                              f"the trained module gives {[tuple(x.shape) for x in trained]}")
+        diff = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(logits, trained))
+        save_file({"input_ids": probe.input_ids.contiguous(), "logits": trained[0].contiguous(),
+                   **{name: value.contiguous() for name, value in probe.features.items()}},
                   str(Path(plan.run_dir) / "export_probe.safetensors"))
-        tolerance = EXPORT_TOLERANCE[dtype] * max(1.0, float(trained.abs().max()))
-        result = {"max_abs_diff": diff, "tolerance": tolerance}
+        tolerance = EXPORT_TOLERANCE[dtype] * max(1.0, max(float(x.abs().max()) for x in trained if x.numel()))
+        result = {"max_abs_diff": diff, "tolerance": tolerance, "steps": len(trained)}
         if not diff <= tolerance:
             raise ExportError(f"{model_dir} reloads with logits {diff:.3g} away from the trained module")
     dist.barrier()
@@ -338,7 +343,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     if finished:
         export_started = time.time()
         export_drafter(engine, run_dir / "model", plan.tokenizer_dir)
-        export_check = check_export(engine, run_dir / "model", plan, dtype, device)
+        export_check = check_export(engine, run_dir / "model", plan, feature_dims, dtype, device)
         timings["export_s"] = time.time() - export_started
     summary = {
         "status": "done" if finished else "stopped",

@@ -233,3 +233,73 @@ def test_stopped_and_resumed_run_logs_the_same_losses_zero3(ray_address, cache_d
     np.testing.assert_allclose(part_losses, full_losses, rtol=1e-5, atol=1e-6)
     assert read_run(part)["status"] == "done"
     assert read_run(part)["best"]["tau"] == pytest.approx(read_run(full)["best"]["tau"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- EAGLE-3
+EAGLE3 = "eagle3:draft_vocab=256,steps=3"
+
+
+def test_eagle3_refuses_a_cache_without_aux_features_saying_how_to_build_one(tmp_path, cache_dir):
+    with pytest.raises(CacheMismatchError, match="has no 'aux' feature column .*lkspec cache build --target .* "
+                                                 "--features aux"):
+        plan_run(_config(cache_dir, tmp_path, drafter=EAGLE3, drafter_config={}))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--drafter", "eagle3:layers=2"], "--drafter eagle3: bad option 'layers=2'"),
+    (["--drafter", "eagle3:steps=0"], "--drafter eagle3 steps must be > 0"),
+    (["--drafter", "eagle3", "--drafter-config", "layers=2"], "--drafter-config does not apply to EAGLE-3"),
+])
+def test_bad_eagle3_options_fail_before_ray_naming_the_option(tmp_path, capsys, argv, message):
+    assert main(["train", "--cache", str(tmp_path), "--out", str(tmp_path / "runs"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def aux_cache(ray_address, target_dir, tmp_path_factory) -> Path:
+    """A real `cache build --features aux` of the tiny target over 32 conversations of a small word set."""
+    from pipeline.build import BuildConfig, run_build
+
+    words = "the cat sat on a mat and ran far away from home to see a bird sing about rivers".split()
+    rng = np.random.default_rng(0)
+    data = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 6))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(20, 50))))}]}) + "\n"
+        for i in range(32)))
+    outcome = run_build(BuildConfig(target=str(target_dir), data=str(data), out=tmp_path_factory.mktemp("aux-caches"),
+                                    k=8, max_length=256, shard_size=8, workers=1, threads=1, features=("aux",),
+                                    progress=False))
+    return outcome.path
+
+
+@pytest.mark.slow
+def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(aux_cache, tmp_path):
+    from cache import open_cache
+    from trainer.eagle3_export import is_eagle3_dir, load_eagle3
+
+    code = main(["train", "--cache", str(aux_cache), "--out", str(tmp_path), "--loss", "kl,lk_lambda",
+                 "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16", "--warmup", "2",
+                 "--lr", "3e-3", "--batch-tokens", "512", "--eval-every", "4", "--eval-sequences", "8",
+                 "--heldout-fraction", "0.15", "--no-progress"])
+    assert code == 0
+    aux = open_cache(aux_cache).manifest["features"]["aux"]
+    for run_dir in sorted(tmp_path.iterdir()):
+        run = read_run(run_dir)
+        assert run["status"] == "done" and run["drafter"]["kind"] == "eagle3" and run["drafter"]["draft_vocab"] == 256
+        metrics = read_metrics(run_dir)
+        assert all(len(m["alpha"]) == 3 for m in metrics)
+        losses = [m["loss"] for m in metrics]
+        assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+        evals = [m["eval"] for m in metrics if "eval" in m]
+        assert evals[-1]["alpha"][0] > evals[0]["alpha"][0], [e["alpha"] for e in evals]
+        assert run["export_check"]["steps"] == 3
+        assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
+        model_dir = run_dir / "model"
+        assert is_eagle3_dir(model_dir)
+        model = load_eagle3(model_dir)
+        plan = json.loads((run_dir / "plan.json").read_text())
+        assert model.draft_ids.tolist() == plan["drafter"]["draft_vocab"] and plan["columns"] == ["aux"]
+        config = json.loads((model_dir / "config.json").read_text())
+        assert config["eagle_aux_hidden_state_layer_ids"] == aux["layers"]
+        assert config["target_hidden_size"] * 3 == aux["dim"]
