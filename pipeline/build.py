@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ STATS_NAME = "stats.json"
 MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.chat's loss-mask rules
 FEATURE_NAMES = ("last", "aux")
 DTYPES = ("bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
 ACTOR_PREFIX = "lkspec-target"
 ACTOR_NAMESPACE = "lkspec"
 MAX_SKIP_EXAMPLES = 20
@@ -49,6 +50,7 @@ class BuildConfig:
     max_length: int = 1024
     workers: int = 2
     dtype: str = "bf16"
+    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs (one per worker), else cpu
     features: tuple[str, ...] = ()
     regenerate: bool = False
     max_new_tokens: int = 256
@@ -74,6 +76,7 @@ class BuildConfig:
             ("max_length", _int_at_least(self.max_length, 2), "an integer >= 2"),
             ("workers", _int_at_least(self.workers, 1), "an integer >= 1"),
             ("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             ("features", all(f in FEATURE_NAMES for f in self.features), "none, last, aux or last,aux"),
             ("max_new_tokens", _int_at_least(self.max_new_tokens, 1), "an integer >= 1"),
             ("seed", _int_at_least(self.seed, 0), "an integer >= 0"),
@@ -91,9 +94,18 @@ class BuildConfig:
                               "so that the longest sequence fits in a batch")
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"out must be a directory, {self.out} is a file")
+        if self.device == "cuda" and not (self.address or os.environ.get("RAY_ADDRESS")) and not _local_cuda():
+            raise ConfigError("device cuda needs a GPU, and torch sees no CUDA device on this machine: use "
+                              "--device cpu (or auto), or --address of a Ray cluster with GPU nodes")
 
     def threads_per_worker(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+
+def _local_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _int_at_least(value: object, minimum: int) -> bool:
@@ -300,6 +312,7 @@ class _RunState:
     worker_seconds: float = 0.0
     worker_restarts: int = 0
     workers: int = 0
+    device: str | None = None  # resolved device of the workers (None: nothing computed this run)
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -318,21 +331,27 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
     from cache import CacheError
     from pipeline.target_worker import TargetWorker
 
-    cpus = ray.cluster_resources().get("CPU", 0)
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    spec = replace(spec, device=worker_device(config.device, gpus))
     if cpus < spec.threads:
         raise BuildError(f"the Ray cluster has {cpus:g} CPUs, a worker needs {spec.threads} (--threads)")
     workers = min(config.workers, len(pending), max(1, int(cpus // spec.threads)))
     if workers < config.workers and workers < len(pending):
         _stderr(f"only {cpus:g} CPUs in the cluster: running {workers} workers of {spec.threads} threads")
-    run.workers = workers
+    if spec.device == "cuda" and int(gpus) < workers:
+        workers = int(gpus)
+        _stderr(f"only {gpus:g} GPUs in the cluster: running {workers} workers of one GPU each")
+    run.workers, run.device = workers, spec.device
+    num_gpus = 1 if spec.device == "cuda" else 0
     remote_worker = ray.remote(TargetWorker)
     generations = Counter()
 
     def start(slot: int):
         name = worker_name(key, slot, generations[slot])
         generations[slot] += 1
-        return remote_worker.options(num_cpus=spec.threads, name=name, namespace=ACTOR_NAMESPACE,
-                                     max_restarts=0, max_task_retries=0).remote(spec)
+        return remote_worker.options(num_cpus=spec.threads, num_gpus=num_gpus, name=name,
+                                     namespace=ACTOR_NAMESPACE, max_restarts=0, max_task_retries=0).remote(spec)
 
     actors = {slot: start(slot) for slot in range(workers)}
     queue = deque(pending)
@@ -385,6 +404,16 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
             ray.kill(actor, no_restart=True)
 
 
+def worker_device(requested: str, cluster_gpus: float) -> str:
+    """The TargetWorkers' device: `auto` is cuda when the cluster has a GPU; cuda without one is a BuildError."""
+    if requested == "cuda" and cluster_gpus < 1:
+        raise BuildError(f"--device cuda: the Ray cluster has {cluster_gpus:g} GPUs; a worker needs one "
+                         "(use --device cpu or auto)")
+    if requested == "auto":
+        return "cuda" if cluster_gpus >= 1 else "cpu"
+    return requested
+
+
 def _remove_temp_files(cache_dir: Path) -> None:
     """Drop the temp files of writers killed mid-write: the finished cache no longer needs any."""
     from cache.atomic import TEMP_PREFIX
@@ -435,6 +464,7 @@ def _stats(config: BuildConfig, manifest, plan: Plan, reused_shards: int, run: _
         "threads_per_worker": config.threads_per_worker(),
         "worker_restarts": run.worker_restarts,
         "dtype": config.dtype,
+        "device": run.device,
         "k": config.k,
         "features": list(config.features),
     }

@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     build.add_argument("--workers", type=int, default=2, help="TargetWorker actors")
     build.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
     build.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target weights dtype")
+    build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where the target runs: cuda gives each worker one GPU; auto picks cuda when the "
+                            "Ray cluster has GPUs")
     build.add_argument("--features", default="none",
                        help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux")
     build.add_argument("--regenerate", action="store_true",
@@ -106,7 +109,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         config = BuildConfig(
             target=args.target, data=args.data, out=args.out, k=args.k, limit=args.limit,
-            max_length=args.max_length, workers=args.workers, dtype=args.dtype,
+            max_length=args.max_length, workers=args.workers, dtype=args.dtype, device=args.device,
             features=parse_features(args.features), regenerate=args.regenerate,
             max_new_tokens=256 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed, skip_invalid=args.skip_invalid,
             shard_size=args.shard_size, token_budget=args.token_budget, threads=args.threads,

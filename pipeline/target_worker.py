@@ -61,6 +61,7 @@ class WorkerSpec:
     max_new_tokens: int = 256
     max_length: int = 1024
     seed: int = 0
+    device: str = "cpu"  # "cpu" or "cuda" (resolved by the driver; a cuda actor holds one GPU)
 
 
 def aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -102,11 +103,12 @@ def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str
 
     Row j of sample b is the target's distribution at position t_j - 1 (it predicts token t_j), for
     the trained positions t_j >= 1. lm_head runs only at those positions; log_softmax and top-k run
-    in fp32 whatever the model's dtype.
+    in fp32 whatever the model's dtype. Inputs go to `model.device`; results come back as CPU arrays.
     """
     import torch
 
-    input_ids, attention = pad_batch(samples)
+    device = model.device
+    input_ids, attention = (t.to(device) for t in pad_batch(samples))
     lengths = [len(s.input_ids) for s in samples]
     with torch.inference_mode():
         outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention,
@@ -117,8 +119,8 @@ def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str
             targets = np.flatnonzero(sample.loss_mask[1:])  # = t_j - 1
             rows.append(np.full(len(targets), b))
             cols.append(targets)
-        rows_t = torch.from_numpy(np.concatenate(rows)).long()
-        cols_t = torch.from_numpy(np.concatenate(cols)).long()
+        rows_t = torch.from_numpy(np.concatenate(rows)).long().to(device)
+        cols_t = torch.from_numpy(np.concatenate(cols)).long().to(device)
         selected = hidden[rows_t, cols_t]  # [P_total, d]
         head = model.get_output_embeddings()
         softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -138,8 +140,8 @@ def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str
             values, ids = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
             top_ids.append(ids.to(torch.int32))
             top_logprobs.append(values)
-        all_ids = torch.cat(top_ids).numpy() if top_ids else np.zeros((0, k), np.int32)
-        all_logprobs = torch.cat(top_logprobs).numpy() if top_logprobs else np.zeros((0, k), np.float32)
+        all_ids = torch.cat(top_ids).cpu().numpy() if top_ids else np.zeros((0, k), np.int32)
+        all_logprobs = torch.cat(top_logprobs).cpu().numpy() if top_logprobs else np.zeros((0, k), np.float32)
         layers = {}
         if "last" in features:
             layers["last"] = [hidden]
@@ -149,7 +151,7 @@ def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str
         for b, sample in enumerate(samples):
             count = len(cols[b])
             feats = {
-                name: torch.cat([h[b, : lengths[b]] for h in tensors], dim=-1).float().numpy()
+                name: torch.cat([h[b, : lengths[b]] for h in tensors], dim=-1).float().cpu().numpy()
                 for name, tensors in layers.items()
             }
             results.append((all_ids[offset:offset + count], all_logprobs[offset:offset + count], feats))
@@ -170,17 +172,18 @@ def sample_reply(model, prompt_ids: list[int], *, max_new_tokens: int, stop_ids:
     reply: list[int] = []
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = None
-    step_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    step_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             outputs = model(input_ids=step_ids, use_cache=True, **{cache_name: past})
             past = outputs[cache_name]  # transformers >= 5.2x renamed past_key_values to cache
-            probs = torch.softmax(outputs.logits[0, -1].float(), dim=-1)
+            # sampled on the CPU with a CPU generator: the same reply on any device for the same probs
+            probs = torch.softmax(outputs.logits[0, -1].float(), dim=-1).cpu()
             token = int(torch.multinomial(probs, 1, generator=generator))
             if token in stop_ids:
                 break
             reply.append(token)
-            step_ids = torch.tensor([[token]], dtype=torch.long)
+            step_ids = torch.tensor([[token]], dtype=torch.long, device=model.device)
     return reply
 
 
@@ -230,7 +233,7 @@ class TargetWorker:
 
         torch.set_num_threads(spec.threads)  # same thread count everywhere: same bits everywhere
         self.spec = spec
-        self.model = load_model(spec.model_path, dtype=spec.dtype)
+        self.model = load_model(spec.model_path, dtype=spec.dtype, device=spec.device)
         self.tokenizer = None
         if spec.regenerate:
             from transformers import AutoTokenizer
