@@ -46,7 +46,7 @@ def register(subparsers) -> None:
                       help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
     data.add_argument("--out", required=True, metavar="RUNS", help="runs directory")
     data.add_argument("--run-name", default=None,
-                      help="run directory name (default <loss>-<cache key[:8]>-s<seed>; a sweep appends -<loss>)")
+                      help="run directory name (default [eagle3-]<loss>-<cache key[:8]>-s<seed>; a sweep appends -<loss>)")
     data.add_argument("--target-source", choices=["cache", "online"], default="cache",
                       help="cache: the cached top-k (default); online: the target model runs in each worker "
                       "and supplies its full distribution (the baseline the top-k cache is judged against)")

@@ -22,6 +22,7 @@ from typing import Any
 from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
+from trainer.eagle3_drafter import is_eagle3
 from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
 
 
@@ -47,8 +48,9 @@ def sweep_configs(base: TrainConfig, losses: list[str]) -> list[TrainConfig]:
 
 
 def default_run_name(config: TrainConfig, cache_key: str) -> str:
-    """<loss>-<first 8 digits of the cache key>-s<seed>."""
-    return f"{config.loss}-{cache_key[:8]}-s{config.seed}"
+    """[eagle3-]<loss>-<first 8 digits of the cache key>-s<seed> (EAGLE-3 runs never collide with independent ones)."""
+    kind = "eagle3-" if is_eagle3(config.drafter) else ""
+    return f"{kind}{config.loss}-{cache_key[:8]}-s{config.seed}"
 
 
 def plan_run(config: TrainConfig) -> RunPlan:

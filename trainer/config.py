@@ -40,7 +40,7 @@ class TrainConfig:
     drafter: str = "tiny"  # preset (tiny, small), a Hugging Face model directory, or eagle3[:KEY=VALUE,...]
     drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (not eagle3)
     init_embeddings_from: str | None = None  # "target": copy the target's token embeddings
-    run_name: str | None = None  # default <loss>-<cache key[:8]>-s<seed>
+    run_name: str | None = None  # default [eagle3-]<loss>-<cache key[:8]>-s<seed>
     steps: int | None = None  # optimizer steps (exclusive with epochs)
     epochs: float | None = None  # passes over each worker's training share
     workers: int = 2

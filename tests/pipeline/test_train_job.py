@@ -11,7 +11,7 @@ import torch
 
 from cache import CacheMismatchError
 from pipeline.cli import main
-from pipeline.train_job import list_runs, plan_run, sweep_configs, train_sweep
+from pipeline.train_job import default_run_name, list_runs, plan_run, sweep_configs, train_sweep
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import DataError
 from trainer.rundir import read_metrics, read_run
@@ -104,6 +104,13 @@ def test_epochs_become_steps_and_run_names_follow_the_loss(tmp_path, cache_dir):
     assert plans[0].total_steps >= 2 * one_epoch - 1 and one_epoch >= 3  # ~21 sequences per worker, ~7 per batch
     named = sweep_configs(_config(cache_dir, tmp_path, run_name="ablation"), ["kl", "tv"])
     assert [c.run_name for c in named] == ["ablation-kl", "ablation-tv"]
+
+
+def test_default_run_names_keep_eagle3_and_independent_sweeps_apart(tmp_path):
+    key = "ab12cd34" + "0" * 12
+    names = [default_run_name(TrainConfig(cache="c", out=str(tmp_path), drafter=drafter, loss="kl"), key)
+             for drafter in ("tiny", "eagle3", "eagle3:draft_vocab=256")]
+    assert names == ["kl-ab12cd34-s0", "eagle3-kl-ab12cd34-s0", "eagle3-kl-ab12cd34-s0"]
 
 
 def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir):
