@@ -4,10 +4,12 @@ Both are exact greedy decoders with K drafted tokens per target forward (transfo
 num_assistant_tokens=K, a constant schedule and no confidence early-stop), so τ should agree within
 noise and the comparison is about overhead. Each prompt runs: target alone (ours), ours with the
 drafter, transformers generate() alone, transformers assisted generation, back to back on the
-same threads. Prints a table and writes JSON.
+same threads. Prints a table and writes JSON. An EAGLE-3 drafter (which reads the target's hidden
+states) has no transformers counterpart: only our decoder's rows are run for it.
 
     python bench/decode.py                       # smollm2-135m + a 2-layer drafter built from it
     python bench/decode.py --drafter runs/lk/model --k 5 --prompts 16
+    python bench/decode.py --drafter eagle3      # an untrained EAGLE-3 drafter for the target
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch  # noqa: E402
 
 from eval.prompts import load_prompts  # noqa: E402
 from eval.speculative import speculative_generate  # noqa: E402
-from pipeline.bench_job import encode_chat  # noqa: E402
+from eval.eagle3_drafting import is_eagle3  # noqa: E402
+from pipeline.bench_job import encode_chat, load_drafter  # noqa: E402
 from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
 
 
@@ -51,6 +54,38 @@ def build_layer_drafter(target_path: Path, layers: int = 2) -> Path:
             mine.load_state_dict(target.model.layers[theirs].state_dict())
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     drafter.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(target_path).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def build_eagle3_drafter(target_path: Path, draft_vocab: int = 32000) -> Path:
+    """An untrained EAGLE-3 export for the target: its width, heads and embeddings, a draft vocabulary of
+    the `draft_vocab` lowest ids (for decode speed only: it accepts nothing)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.target_worker import aux_layers
+    from trainer.eagle3 import Eagle3Config, Eagle3Model
+    from trainer.eagle3_export import save_eagle3
+
+    identity = resolve_model(str(target_path)).identity
+    out = lkspec_home() / "models" / f"eagle3-untrained-{draft_vocab}-{identity['weights_sha256'][:16]}"
+    if (out / "config.json").is_file():
+        return out
+    config = AutoConfig.from_pretrained(target_path)
+    torch.manual_seed(0)
+    drafter = Eagle3Model(Eagle3Config(
+        vocab_size=config.vocab_size, draft_vocab_size=min(draft_vocab, config.vocab_size),
+        hidden_size=config.hidden_size, target_hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, aux_layers=aux_layers(config.num_hidden_layers),
+        rms_norm_eps=config.rms_norm_eps, rope_theta=getattr(config, "rope_theta", None) or 10000.0,
+        max_position_embeddings=config.max_position_embeddings))
+    target = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
+    with torch.no_grad():
+        drafter.embed_tokens.weight.copy_(target.get_input_embeddings().weight)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    save_eagle3(drafter, tmp)
     AutoTokenizer.from_pretrained(target_path).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
@@ -86,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--drafter", default=None,
-                        help="HF dir, or `self` (the target drafts for itself: every draft accepted); "
+                        help="HF dir or EAGLE-3 export, `self` (the target drafts for itself: every draft "
+                        "accepted) or `eagle3` (an untrained EAGLE-3 drafter for the target); "
                         "default: a 2-layer drafter built from the target's weights")
     parser.add_argument("--bench", default="mt-bench", help="prompt set (eval.prompts name or .jsonl)")
     parser.add_argument("--prompts", type=int, default=8, help="evenly spaced prompts from the set")
@@ -101,10 +137,12 @@ def main() -> None:
     target_path = resolve_model(args.target).path
     if args.drafter is None:
         drafter_path = build_layer_drafter(target_path)
+    elif args.drafter == "eagle3":
+        drafter_path = build_eagle3_drafter(target_path)
     else:
         drafter_path = target_path if args.drafter == "self" else Path(args.drafter)
     target = load_model(target_path, dtype=args.dtype)
-    drafter = load_model(drafter_path, dtype=args.dtype)
+    drafter = load_drafter(drafter_path, dtype=args.dtype)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_path)
@@ -115,6 +153,8 @@ def main() -> None:
         "ours target alone": (ours, None), "ours speculative": (ours, drafter),
         "hf target alone": (theirs, None), "hf assisted": (theirs, drafter),
     }
+    if is_eagle3(drafter):  # transformers has no EAGLE-3 assisted generation
+        runs = {name: run for name, run in runs.items() if name.startswith("ours")}
     for fn, d in runs.values():  # warm-up
         fn(target, d, prompts[0][:8], args.k, 4, eos)
     totals = {name: {"tokens": 0, "seconds": 0.0, "cpu_seconds": 0.0, "target_forwards": 0} for name in runs}
@@ -141,7 +181,9 @@ def main() -> None:
             "tau": total["tokens"] / max(total["target_forwards"], 1),
             "outputs_equal_target_greedy": sum(o == r for o, r in zip(outputs[name], reference)),
         })
-    base = {"ours": rows[0]["tokens_per_s"], "hf": rows[2]["tokens_per_s"]}
+    base = {}  # each decoder's own "target alone" row comes first
+    for row in rows:
+        base.setdefault(row["name"].split()[0], row["tokens_per_s"])
     for row in rows:
         row["speedup_vs_own_baseline"] = row["tokens_per_s"] / base[row["name"].split()[0]]
 
@@ -152,13 +194,16 @@ def main() -> None:
     for row in rows:
         print(f"{row['name']:20s} {row['tokens_per_s']:9.2f} {row['tokens_per_cpu_s']:10.2f} {row['tau']:6.2f} "
               f"{row['speedup_vs_own_baseline']:8.2f}x {row['outputs_equal_target_greedy']:5d}/{len(prompts)}")
-    ratio = rows[1]["tokens_per_s"] / rows[3]["tokens_per_s"]
-    cpu_ratio = rows[1]["tokens_per_cpu_s"] / rows[3]["tokens_per_cpu_s"]
-    print(f"ours speculative / hf assisted: {ratio:.2f}x tokens/s, {cpu_ratio:.2f}x tokens per CPU-second")
+    ratio = cpu_ratio = None
+    if len(rows) == 4:
+        ratio = rows[1]["tokens_per_s"] / rows[3]["tokens_per_s"]
+        cpu_ratio = rows[1]["tokens_per_cpu_s"] / rows[3]["tokens_per_cpu_s"]
+        print(f"ours speculative / hf assisted: {ratio:.2f}x tokens/s, {cpu_ratio:.2f}x tokens per CPU-second")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k,
+        "drafter_kind": "eagle3" if is_eagle3(drafter) else "independent",
         "temperature": 0.0, "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows,

@@ -4,7 +4,10 @@ One target forward verifies K drafted tokens. At T = 0 a draft is accepted when 
 target's argmax; at T > 0 by rejection sampling (accept with min(1, p/q), otherwise resample from
 the normalized max(0, p - q), and a bonus token from the target when all K are accepted). The output
 is distributed exactly as the target's own sampling (identical to greedy decoding at T = 0).
-Both models keep a KV cache that is cropped back to the accepted prefix after every step.
+Both models keep a KV cache that is cropped back to the accepted prefix after every step. An
+EAGLE-3 drafter (eval/eagle3_drafting.py) also reads the target's hidden states, which the
+verification forward returns for the positions it commits. Every tensor lives on the target's
+device (the drafter must share it); random draws come from `generator` on its own device.
 """
 from __future__ import annotations
 
@@ -14,6 +17,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+
+from eval import eagle3_drafting
+from eval.eagle3_drafting import Eagle3Cache
 
 
 def speculative_generate(
@@ -36,13 +42,14 @@ def speculative_generate(
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     k = k if drafter is not None else 0
-    eos_ids = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).view(-1)
-    tokens = torch.as_tensor(input_ids, dtype=torch.long).view(-1)  # [prompt + generated]
+    device = target.device
+    eos_ids = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).view(-1)
+    tokens = torch.as_tensor(input_ids, dtype=torch.long).view(-1).to(device)  # [prompt + generated]
     prompt_len = tokens.numel()
     if prompt_len == 0:
         raise ValueError("input_ids must hold at least one token")
     target_cache = DynamicCache(config=target.config)
-    draft_cache = DynamicCache(config=drafter.config) if drafter is not None else None
+    draft_cache, aux_layers = new_draft_cache(target, drafter)
     vocab = target.get_input_embeddings().num_embeddings  # drafts must be ids the target can read
     stats = new_stats(k)
 
@@ -51,17 +58,20 @@ def speculative_generate(
             # Never draft past max_new_tokens: a step yields at most k_step + 1 tokens.
             k_step = min(k, max_new_tokens - (tokens.numel() - prompt_len) - 1)
             drafts, draft_probs = draft(drafter, draft_cache, tokens, k_step, temperature, generator, vocab)
+            n_drafts = drafts.numel()  # < k_step only for EAGLE-3 before the target has read the prompt
 
-            # One target forward scores the last committed token and every draft: [k_step + 1, V].
+            # One target forward scores the last committed token and every draft: [n_drafts + 1, V].
             rollback(target_cache, tokens.numel() - 1)
             verify_ids = torch.cat([tokens[cache_length(target_cache):], drafts])
-            target_logits = forward(target, verify_ids, target_cache, k_step + 1)
+            target_logits, features = forward(target, verify_ids, target_cache, n_drafts + 1, aux_layers)
             target_probs = to_probs(target_logits, temperature)
 
             n_accepted, next_token = accept(target_probs, draft_probs, drafts, generator)
+            if features is not None:  # EAGLE-3 reads the target states of the committed positions
+                eagle3_drafting.add_features(draft_cache, features[:verify_ids.numel() - n_drafts + n_accepted])
             new_tokens = torch.cat([drafts[:n_accepted], next_token])
             tokens = torch.cat([tokens, new_tokens])
-            record_step(stats, target_probs, draft_probs, k_step, n_accepted)
+            record_step(stats, target_probs, draft_probs, n_drafts, n_accepted)
 
             if eos_ids.numel() and torch.isin(new_tokens, eos_ids).any():
                 break
@@ -75,7 +85,17 @@ def speculative_generate(
     return output, stats
 
 
-# --- the drafter: everything a drafter does lives in draft() and rollback() -------------------
+# --- the drafter: everything a drafter does lives in new_draft_cache(), draft() and rollback() ---
+
+def new_draft_cache(target, drafter) -> tuple[DynamicCache | Eagle3Cache | None, tuple[int, ...]]:
+    """The drafter's empty cache and the target hidden_states indices it reads (none for independent drafters)."""
+    if drafter is None:
+        return None, ()
+    if eagle3_drafting.is_eagle3(drafter):
+        eagle3_drafting.check_target(target.config, drafter.config)
+        return Eagle3Cache(), tuple(drafter.config.aux_layers)
+    return DynamicCache(config=drafter.config), ()
+
 
 def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, generator, vocab: int):
     """Draft k tokens after `tokens` (chain drafting); returns drafts [k] and their distributions [k, V].
@@ -84,16 +104,24 @@ def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, gene
     any proposal distribution keeps the output exact.
     """
     if k == 0:
-        return torch.empty(0, dtype=torch.long), None
+        return torch.empty(0, dtype=torch.long, device=tokens.device), None
+    propose = functools.partial(propose_token, temperature=temperature, generator=generator)
+    if isinstance(cache, Eagle3Cache):
+        return eagle3_drafting.draft(drafter, cache, tokens, k, propose, vocab)
     rollback(cache, tokens.numel() - 1)
     inputs = tokens[cache_length(cache):]  # what the drafter has not seen yet (>= 1 token)
     drafts, draft_probs = [], []
     for _ in range(k):
-        q = to_probs(forward(drafter, inputs, cache, 1)[:, :vocab], temperature)  # [1, V]
-        inputs = sample(q, generator)  # [1]
+        inputs, q = propose(forward(drafter, inputs, cache, 1)[0][:, :vocab])  # [1], [1, V]
         drafts.append(inputs)
         draft_probs.append(q)
     return torch.cat(drafts), torch.cat(draft_probs)
+
+
+def propose_token(logits: torch.Tensor, *, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample a draft token from logits [1, V]: (token [1], the proposal distribution q [1, V])."""
+    q = to_probs(logits, temperature)
+    return sample(q, generator), q
 
 
 def rollback(cache, length: int) -> None:
@@ -114,9 +142,9 @@ def accept(target_probs, draft_probs, drafts, generator) -> tuple[int, torch.Ten
     if k == 0:
         return 0, sample(target_probs[:1], generator)
     target_probs, draft_probs = same_width(target_probs, draft_probs)
-    rows = torch.arange(k)
+    rows = torch.arange(k, device=drafts.device)
     p, q = target_probs[rows, drafts], draft_probs[rows, drafts]
-    accepted = torch.rand(k, generator=generator) * q < p  # u < p/q, i.e. with probability min(1, p/q)
+    accepted = uniform((k,), generator, p.device) * q < p  # u < p/q, i.e. with probability min(1, p/q)
     n_accepted = k if bool(accepted.all()) else int((~accepted).nonzero()[0])
     if n_accepted == k:  # bonus token from the target
         return k, sample(target_probs[k:], generator)
@@ -141,8 +169,14 @@ def to_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator) -> torch.Tensor:
     """One token per row of probs [n, V] -> [n], by inverting the fp64 CDF (also for unnormalized rows)."""
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=torch.float64) * cdf[..., -1:]
+    u = uniform(cdf.shape[:-1] + (1,), generator, cdf.device, torch.float64) * cdf[..., -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # first id whose CDF exceeds u
+
+
+def uniform(shape: tuple[int, ...], generator, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """U[0, 1) draws from `generator` on its own device (CPU's default generator when None), moved to `device`."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, device=source, dtype=dtype).to(device)
 
 
 def same_width(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,10 +258,13 @@ def expected_tau(stats: dict) -> float:
 
 # --- model calls ------------------------------------------------------------------------------
 
-def forward(model, input_ids: torch.Tensor, cache, keep: int) -> torch.Tensor:
-    """Run model on new tokens [n] with its KV cache; logits of the last `keep` positions [keep, V]."""
+def forward(model, input_ids: torch.Tensor, cache, keep: int, aux_layers: tuple[int, ...] = ()):
+    """Run model on new tokens [n] with its KV cache: (logits of the last `keep` positions [keep, V],
+    the hidden_states in `aux_layers` concatenated for all n positions [n, len·d], None without aux_layers)."""
     kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True, "logits_to_keep": keep}
-    return model(input_ids.view(1, -1), **kwargs).logits[0, -keep:]
+    outputs = model(input_ids.view(1, -1), output_hidden_states=bool(aux_layers), **kwargs)
+    features = eagle3_drafting.target_features(outputs.hidden_states, aux_layers) if aux_layers else None
+    return outputs.logits[0, -keep:], features
 
 
 def cache_length(cache) -> int:

@@ -2,8 +2,10 @@
 
 Each actor holds the target and every drafter, pins its torch threads, and decodes one prompt at a
 time: the target alone (the baseline) and then each drafter, at each temperature, timed back to
-back on the same cores. The driver merges the per-prompt results into report.json / report.md /
-plots (see eval/report.py) and a per-prompt outputs.jsonl.
+back on the same cores. A drafter is an independent causal LM or an EAGLE-3 export (which reads the
+target's hidden states; checked against the target's hidden size, vocabulary and depth first). The
+driver merges the per-prompt results into report.json / report.md / plots (see eval/report.py) and
+a per-prompt outputs.jsonl.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 from eval.report import BASELINE
 from pipeline.ray_session import ray_session
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one: a tokenizer ships
 
 
 class BenchConfigError(ValueError):
@@ -75,15 +79,16 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Drafter:
-    """A drafter to benchmark: display name, HF model directory and its training run record."""
+    """A drafter to benchmark: display name, model directory, kind and its training run record."""
 
     name: str
     path: Path
     run: dict | None = None
+    kind: str = "independent"  # or "eagle3" (an EAGLE-3 export: reads the target's hidden states)
 
 
 def resolve_drafter(spec: str) -> Drafter:
-    """A training run directory (run.json + model/), a HF directory, or a model alias."""
+    """A training run directory (run.json + model/), an EAGLE-3 export, a HF directory, or a model alias."""
     from pipeline.models import EMBEDDED_MODELS, resolve_model
 
     path = Path(spec).expanduser()
@@ -91,15 +96,34 @@ def resolve_drafter(spec: str) -> Drafter:
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
             raise BenchConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
-        return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()))
+        return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
+                       _drafter_kind(model_dir))
     if (path / "config.json").is_file():
-        return Drafter(path.resolve().name, path.resolve())
+        return Drafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
     if spec in EMBEDDED_MODELS:
         return Drafter(spec, resolve_model(spec).path)
     raise BenchConfigError(
-        f"drafter {spec!r} not found: expected a training run directory (run.json + model/) "
-        "or a Hugging Face directory with config.json"
+        f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3 "
+        "export (config.json + model.safetensors) or a Hugging Face directory with config.json"
     )
+
+
+def _drafter_kind(model_dir: Path) -> str:
+    from trainer.eagle3_export import is_eagle3_dir
+
+    return "eagle3" if is_eagle3_dir(model_dir) else "independent"
+
+
+def load_drafter(path: Path | str, *, dtype: str = "fp32"):
+    """Load a drafter directory: an EAGLE-3 export as an Eagle3Model, anything else as a causal LM."""
+    import torch
+
+    from pipeline.models import load_model
+    from trainer.eagle3_export import is_eagle3_dir, load_eagle3
+
+    if is_eagle3_dir(path):
+        return load_eagle3(path).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    return load_model(path, dtype=dtype)
 
 
 def run_bench(config: BenchConfig) -> Path:
@@ -115,6 +139,7 @@ def run_bench(config: BenchConfig) -> Path:
         raise BenchConfigError(str(exc)) from exc
     drafters = _unique_names([resolve_drafter(spec) for spec in config.drafters])
     tokenizer = _check_tokenizers(target.path, drafters)
+    _check_eagle3_targets(target.path, drafters)
     try:
         items = _prompt_items(config, tokenizer)
     except PromptSetError as exc:
@@ -133,7 +158,7 @@ def run_bench(config: BenchConfig) -> Path:
     report = summarize(records, drafters=[d.name for d in drafters], k=config.k)
     report["config"] = {**asdict(config), "out": str(out), "threads_per_worker": threads}
     report["target"] = {"spec": target.spec, "path": str(target.path), "identity": target.identity}
-    report["drafters"] = [{"name": d.name, "path": str(d.path), "run": d.run} for d in drafters]
+    report["drafters"] = [{"name": d.name, "path": str(d.path), "kind": d.kind, "run": d.run} for d in drafters]
     report["wall_seconds"] = elapsed
     write_report(report, out)
     with open(out / "outputs.jsonl", "w") as handle:
@@ -151,19 +176,25 @@ def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
     for drafter in drafters:
         seen[drafter.name] = seen.get(drafter.name, 0) + 1
         name = drafter.name if seen[drafter.name] == 1 else f"{drafter.name}-{seen[drafter.name]}"
-        unique.append(Drafter(name, drafter.path, drafter.run))
+        unique.append(Drafter(name, drafter.path, drafter.run, drafter.kind))
     if any(d.name == BASELINE for d in unique):
         raise BenchConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
     return unique
 
 
 def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
-    """The target's tokenizer, after checking that every drafter's tokenizer is the same."""
+    """The target's tokenizer, after checking that every drafter's tokenizer is the same.
+
+    An EAGLE-3 export need not ship tokenizer files (vLLM and SGLang use the target's); when it has
+    none, its vocabulary size is checked against the target's instead (`_check_eagle3_targets`).
+    """
     from pipeline.models import tokenizer_fingerprint
 
     target_tokenizer = _load_tokenizer(target_path, "target")
     target_sha = tokenizer_fingerprint(target_tokenizer)
     for drafter in drafters:
+        if drafter.kind == "eagle3" and not any((drafter.path / name).is_file() for name in TOKENIZER_FILES):
+            continue
         drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}"))
         if drafter_sha != target_sha:
             raise BenchConfigError(
@@ -171,6 +202,24 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
                 f"({target_path}): drafter tokenizer sha {drafter_sha[:12]}…, target {target_sha[:12]}…"
             )
     return target_tokenizer
+
+
+def _check_eagle3_targets(target_path: Path, drafters: list[Drafter]) -> None:
+    """Refuse an EAGLE-3 drafter whose target hidden size, vocabulary or aux layers do not fit the target."""
+    from transformers import AutoConfig
+
+    from eval.eagle3_drafting import Eagle3MismatchError, check_target
+    from trainer.eagle3_export import Eagle3FormatError, read_config
+
+    eagle3 = [d for d in drafters if d.kind == "eagle3"]
+    if not eagle3:
+        return
+    target_config = AutoConfig.from_pretrained(target_path)
+    for drafter in eagle3:
+        try:
+            check_target(target_config, read_config(drafter.path))
+        except (Eagle3MismatchError, Eagle3FormatError) as exc:
+            raise BenchConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
 
 
 def _load_tokenizer(path: Path, what: str):
@@ -253,7 +302,7 @@ class BenchWorker:
 
         torch.set_num_threads(threads)
         self.target = load_model(target_path, dtype=dtype)
-        self.drafters = [(BASELINE, None)] + [(name, load_model(path, dtype=dtype)) for name, path in drafters]
+        self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, dtype=dtype)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
         self._decode([1, 2, 3], BASELINE, None, 0.0, max_new_tokens=4)  # warm-up before timing

@@ -32,7 +32,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--target", required=True, help="target model: alias, HF directory or .gguf file")
     parser.add_argument("--drafter", required=True, type=_csv, metavar="RUN_OR_DIR[,...]",
-                        help="drafters: training run directories (run.json + model/) or HF directories")
+                        help="drafters: training run directories (run.json + model/), EAGLE-3 exports "
+                        "(config.json + model.safetensors, vLLM/SGLang layout) or HF directories")
     parser.add_argument("--bench", type=_csv, default=["mt-bench", "humaneval", "gsm8k"],
                         metavar="NAME[,...]", help="mt-bench, humaneval, gsm8k or .jsonl files of "
                         '{"prompt": ...} lines (default: all three)')

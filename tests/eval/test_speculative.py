@@ -10,7 +10,10 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval.speculative as spec
+from eval import eagle3_drafting
+from eval.eagle3_drafting import Eagle3MismatchError
 from eval.speculative import accept, merge_stats, speculative_generate
+from trainer.eagle3 import Eagle3Config, Eagle3Model
 
 
 def tiny_llama(seed: int, vocab: int, *, hidden: int = 32, layers: int = 2, init: float = 0.02,
@@ -187,11 +190,11 @@ def small_vocab_pair():
     return target, drafter
 
 
-def exact_joint(target, temperature: float) -> dict[tuple, float]:
-    """P(first STEPS tokens) under the target's own sampling, by enumerating every prefix."""
+def exact_joint(target, temperature: float, steps: int = STEPS) -> dict[tuple, float]:
+    """P(first `steps` tokens) under the target's own sampling, by enumerating every prefix."""
     joint = {(): 1.0}
     with torch.no_grad():
-        for _ in range(STEPS):
+        for _ in range(steps):
             grown = {}
             for prefix, prob in joint.items():
                 logits = target(torch.tensor([PROMPT + list(prefix)])).logits[0, -1].double()
@@ -201,22 +204,25 @@ def exact_joint(target, temperature: float) -> dict[tuple, float]:
     return joint
 
 
-def sample_outputs(target, drafter, n: int, temperature: float, k: int) -> list[tuple]:
+def sample_outputs(target, drafter, n: int, temperature: float, k: int, steps: int = STEPS) -> list[tuple]:
     generator = torch.Generator().manual_seed(1234)
     return [tuple(speculative_generate(target, drafter, torch.tensor(PROMPT), k=k, temperature=temperature,
-                                       max_new_tokens=STEPS, generator=generator)[0].tolist())
+                                       max_new_tokens=steps, generator=generator)[0].tolist())
             for _ in range(n)]
 
 
 def distribution_pvalues(samples: list[tuple], joint: dict[tuple, float]) -> list[float]:
-    """Chi-square p-values: joint of tokens 1-2, and the marginal of token 3 (after a rollback)."""
-    first_two, third = np.zeros(VOCAB * VOCAB), np.zeros(VOCAB)
-    for (a, b, c), prob in joint.items():
-        first_two[a * VOCAB + b] += prob
-        third[c] += prob
-    observed_two = np.bincount([a * VOCAB + b for a, b, _ in samples], minlength=VOCAB * VOCAB)
-    observed_third = np.bincount([c for _, _, c in samples], minlength=VOCAB)
-    return [_pooled_chisquare(observed_two, first_two), _pooled_chisquare(observed_third, third)]
+    """Chi-square p-values of the joint of tokens 1-2 and the marginal of every later token (after rollbacks)."""
+    steps = len(next(iter(joint)))
+    first_two, later = np.zeros(VOCAB * VOCAB), np.zeros((steps - 2, VOCAB))
+    for tokens, prob in joint.items():
+        first_two[tokens[0] * VOCAB + tokens[1]] += prob
+        later[np.arange(steps - 2), tokens[2:]] += prob
+    observed_two = np.bincount([s[0] * VOCAB + s[1] for s in samples], minlength=VOCAB * VOCAB)
+    pvalues = [_pooled_chisquare(observed_two, first_two)]
+    for i in range(steps - 2):
+        pvalues.append(_pooled_chisquare(np.bincount([s[i + 2] for s in samples], minlength=VOCAB), later[i]))
+    return pvalues
 
 
 def test_sampling_matches_the_target_distribution(small_vocab_pair):
@@ -236,3 +242,163 @@ def test_sampling_at_low_temperature_matches(small_vocab_pair):
     target, drafter = small_vocab_pair
     samples = sample_outputs(target, drafter, 400, temperature=0.5, k=3)
     assert min(distribution_pvalues(samples, exact_joint(target, 0.5))) > 1e-3
+
+
+# --- EAGLE-3 drafters (the drafter reads the target's hidden states) ----------------------------
+
+def tiny_eagle3(seed: int, target, draft_vocab: int, aux_layers: tuple[int, ...]) -> Eagle3Model:
+    """A random EAGLE-3 drafter for `target` over `draft_vocab` random target ids."""
+    torch.manual_seed(seed)
+    config = Eagle3Config(vocab_size=target.config.vocab_size, draft_vocab_size=draft_vocab, hidden_size=32,
+                          target_hidden_size=target.config.hidden_size, intermediate_size=64,
+                          num_attention_heads=4, num_key_value_heads=2, aux_layers=aux_layers,
+                          max_position_embeddings=256)
+    model = Eagle3Model(config)
+    model.set_draft_vocab(torch.randperm(config.vocab_size)[:draft_vocab].sort().values)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def eagle_pair():
+    """A 4-layer target (vocab 256) and EAGLE-3 drafters with a reduced and with the full vocabulary."""
+    torch.set_num_threads(1)
+    target = tiny_llama(0, 256, layers=4, init=0.2, tied=False)
+    drafters = {"reduced": tiny_eagle3(0, target, 200, (1, 2, 3)), "full": tiny_eagle3(1, target, 256, (0, 2, 4))}
+    return target, drafters
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("drafter_name", ["reduced", "full"])
+def test_eagle3_greedy_output_equals_target_greedy(eagle_pair, drafter_name, k):
+    target, drafters = eagle_pair
+    for prompt in PROMPTS:
+        expected = greedy_reference(target, prompt, 24, eos=None)
+        output, stats = speculative_generate(target, drafters[drafter_name], torch.tensor(prompt), k=k,
+                                             temperature=0.0, max_new_tokens=24)
+        assert output.tolist() == expected, (drafter_name, k, prompt)
+        assert stats["accepted"] + stats["target_forwards"] == 24
+        assert stats["drafted"] > 0
+
+
+def record_rounds(monkeypatch) -> list[dict]:
+    """Wrap the decoder's draft(): per round, the committed tokens, the drafts, q and the drafter cache sizes."""
+    rounds, real_draft = [], spec.draft
+
+    def recording(drafter, cache, tokens, k, temperature, generator, vocab):
+        pending = 0 if cache.features is None else cache.features.shape[0]
+        before = cache.rows
+        drafts, probs = real_draft(drafter, cache, tokens, k, temperature, generator, vocab)
+        rounds.append({"tokens": tokens.clone(), "drafts": drafts.clone(), "q": probs, "rows_before": before,
+                       "pending": pending, "rows_after": cache.rows})
+        return drafts, probs
+
+    monkeypatch.setattr(spec, "draft", recording)
+    return rounds
+
+
+def test_eagle3_cache_holds_one_row_per_committed_position(eagle_pair, monkeypatch):
+    target, drafters = eagle_pair
+    rounds = record_rounds(monkeypatch)
+    for temperature in (0.0, 1.0):
+        rounds.clear()
+        output, stats = speculative_generate(target, drafters["reduced"], torch.tensor(PROMPTS[1]), k=3,
+                                             temperature=temperature, max_new_tokens=30,
+                                             generator=torch.Generator().manual_seed(5))
+        assert output.numel() == 30 and len(rounds) == stats["target_forwards"]
+        first, later = rounds[0], rounds[1:]
+        assert first["drafts"].numel() == 0 and first["rows_after"] == 0  # the target reads the prompt first
+        assert stats["accepted"] < stats["drafted"]  # rejections happened, so rollbacks were exercised
+        for r in later:
+            committed = r["tokens"].numel()
+            # Target states of every committed position but the newest token's are known: drafter rows
+            # (+ queued states) = committed - 1 before drafting, and rows alone after it (chain rows dropped;
+            # the last step drafts nothing when one token is left).
+            assert r["rows_before"] + r["pending"] == committed - 1
+            assert r["rows_after"] == (committed - 1 if r["drafts"].numel() else r["rows_before"])
+
+
+def reference_draft_probs(model: Eagle3Model, target, tokens: torch.Tensor, drafts: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """q of each draft [k, V] recomputed without caches, the training-time-test way: step n runs every
+    row t (token x_{t+n}, position t + n - 1) with a causal step-1 block and one diagonal per later step."""
+    sequence = torch.cat([tokens, drafts])
+    rows = tokens.numel() - 1  # rows 0 .. j, j = the last position with a target state
+    with torch.no_grad():
+        states = target(tokens[None], output_hidden_states=True).hidden_states
+        hidden = model.fuse(torch.cat([states[i][0, :rows] for i in model.config.aux_layers], -1))[None]
+        keys, values, probs = [], [], []
+        for n in range(1, drafts.numel() + 1):
+            blocks = [torch.ones(rows, rows).tril()] + [torch.eye(rows)] * (n - 1)
+            prefix = (torch.cat(keys, 2), torch.cat(values, 2)) if keys else None
+            logits, hidden, k_n, v_n = model.step(sequence[n:n + rows][None], hidden,
+                                                  torch.arange(n - 1, n - 1 + rows)[None], prefix,
+                                                  torch.cat(blocks, 1).bool())
+            keys.append(k_n)
+            values.append(v_n)
+            q = torch.zeros(target.config.vocab_size)
+            q[model.draft_ids] = torch.softmax(logits[0, -1].float() / temperature, -1)
+            probs.append(q)
+    return torch.stack(probs)
+
+
+def test_eagle3_draft_distributions_and_alpha_match_an_uncached_reference(eagle_pair, monkeypatch):
+    target, drafters = eagle_pair
+    drafter = drafters["reduced"]
+    rounds = record_rounds(monkeypatch)
+    _, stats = speculative_generate(target, drafter, torch.tensor(PROMPTS[1]), k=4, temperature=1.0,
+                                    max_new_tokens=30, generator=torch.Generator().manual_seed(3))
+    alpha_sums = np.zeros(4)
+    for r in [r for r in rounds if r["drafts"].numel()]:
+        k = r["drafts"].numel()
+        expected_q = reference_draft_probs(drafter, target, r["tokens"], r["drafts"], 1.0)
+        torch.testing.assert_close(r["q"], expected_q, atol=1e-5, rtol=1e-4)
+        assert (r["q"][:, ~torch.isin(torch.arange(256), drafter.draft_ids)] == 0).all()
+        with torch.no_grad():  # p of each draft position from one uncached target forward
+            logits = target(torch.cat([r["tokens"], r["drafts"]])[None]).logits[0]
+        p = torch.softmax(logits[r["tokens"].numel() - 1:-1], -1)
+        alpha_sums[:k] += torch.minimum(p, expected_q).sum(-1).numpy()
+    np.testing.assert_allclose(stats["alpha_sum_by_position"], alpha_sums, rtol=1e-4)
+    assert stats["verified_by_position"][0] == sum(r["drafts"].numel() > 0 for r in rounds) > 3
+
+
+def test_eagle3_reference_catches_misaligned_target_states(eagle_pair, monkeypatch):
+    target, drafters = eagle_pair
+    real = eagle3_drafting.target_features
+    monkeypatch.setattr(eagle3_drafting, "target_features",  # each row reads the previous position's states
+                        lambda states, layers: torch.roll(real(states, layers), 1, 0))
+    rounds = record_rounds(monkeypatch)
+    speculative_generate(target, drafters["reduced"], torch.tensor(PROMPTS[1]), k=2, temperature=1.0,
+                         max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    r = rounds[1]
+    assert not torch.allclose(r["q"], reference_draft_probs(drafters["reduced"], target, r["tokens"], r["drafts"], 1.0),
+                              atol=1e-3)
+
+
+def test_eagle3_refuses_a_target_it_was_not_trained_for(eagle_pair):
+    target, drafters = eagle_pair
+    other = tiny_llama(0, 300, hidden=48, layers=2)
+    with pytest.raises(Eagle3MismatchError, match="target hidden size 48, drafter expects 32; target "
+                       "vocabulary 300, drafter expects 256; aux layers \\[1, 2, 3\\] do not exist"):
+        speculative_generate(other, drafters["reduced"], torch.tensor([1, 2]), k=2, temperature=0.0,
+                             max_new_tokens=2)
+
+
+@pytest.fixture(scope="module")
+def small_vocab_eagle(small_vocab_pair):
+    """An EAGLE-3 drafter for the 8-token target, proposing from 6 of its tokens."""
+    target, _ = small_vocab_pair
+    return tiny_eagle3(2, target, 6, (0, 1, 1))
+
+
+def test_eagle3_sampling_matches_the_target_distribution(small_vocab_pair, small_vocab_eagle):
+    target, _ = small_vocab_pair
+    # 4 tokens: the first from the prompt's forward, then K = 2 drafts per step with rollbacks.
+    samples = sample_outputs(target, small_vocab_eagle, 800, temperature=1.0, k=2, steps=4)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) > 1e-3
+
+
+def test_eagle3_wrong_residual_fails_the_distribution_test(small_vocab_pair, small_vocab_eagle, monkeypatch):
+    target, _ = small_vocab_pair
+    monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)
+    samples = sample_outputs(target, small_vocab_eagle, 400, temperature=1.0, k=2, steps=4)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) < 1e-6

