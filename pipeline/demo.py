@@ -25,11 +25,13 @@ class DemoConfig:
     losses: tuple[str, ...] = DEMO_LOSSES
     steps: int = 40
     batch_tokens: int = 1024
+    lr: float = 4e-4
     bench: tuple[str, ...] = ("mt-bench", "humaneval", "gsm8k")
     bench_limit: int = 2
     temperatures: tuple[float, ...] = (0.0, 1.0)
     draft_k: int = 4
     max_new_tokens: int = 32
+    bench_dtype: str = "fp32"
     workers: int = 2
     seed: int = 0
     address: str | None = None
@@ -45,6 +47,7 @@ def run_demo(config: DemoConfig) -> Path:
     from trainer.config import TrainConfig
 
     out = Path(config.out).expanduser().resolve()
+    drafter, pretrained = _demo_drafter(config.drafter)
     build_config = BuildConfig(
         target=config.target, data=config.data, out=out / "caches", k=config.k,
         limit=config.conversations, max_length=config.max_length, workers=config.workers,
@@ -53,8 +56,9 @@ def run_demo(config: DemoConfig) -> Path:
         shard_size=16,  # small shards: steady progress and even load over the workers
     )
     train_base = TrainConfig(
-        cache="", out=str(out / "runs"), drafter=config.drafter, init_embeddings_from="target",
-        steps=config.steps, workers=config.workers, zero=2, batch_tokens=config.batch_tokens,
+        cache="", out=str(out / "runs"), drafter=drafter,
+        init_embeddings_from=None if pretrained else "target",  # a pretrained drafter keeps its own
+        steps=config.steps, workers=config.workers, zero=2, batch_tokens=config.batch_tokens, lr=config.lr,
         warmup=min(100, config.steps // 10), eval_every=max(1, config.steps // 3),
         checkpoint_every=config.steps, seed=config.seed, resume=True,
     )
@@ -67,8 +71,9 @@ def run_demo(config: DemoConfig) -> Path:
              + (" (same key: the target pass was not rerun)" if build.reused else ""))
         config.timings["cache"] = time.time() - started
 
-        _stage(2, "drafters", f"{config.drafter} drafter x {', '.join(config.losses)}, {config.steps} steps each, "
-               f"DeepSpeed ZeRO-2 on {config.workers} Ray Train workers")
+        start_from = "fine-tuned from its weights" if pretrained else "from scratch"
+        _stage(2, "drafters", f"{config.drafter} drafter ({start_from}) x {', '.join(config.losses)}, "
+               f"{config.steps} steps each, DeepSpeed ZeRO-2 on {config.workers} Ray Train worker(s)")
         started = time.time()
         train_base.cache = str(build.path)
         run_dirs = train_sweep(sweep_configs(train_base, list(config.losses)), progress=config.progress)
@@ -77,11 +82,12 @@ def run_demo(config: DemoConfig) -> Path:
         _stage(3, "speculative decoding", f"{', '.join(config.bench)} x {config.bench_limit} prompts, "
                f"T={', '.join(f'{t:g}' for t in config.temperatures)}, K={config.draft_k}")
         started = time.time()
+        untuned = [config.drafter] if pretrained else []  # the pretrained drafter before fine-tuning
         report_dir = run_bench(BenchConfig(
-            target=config.target, drafters=[str(path) for path in run_dirs], benchmarks=list(config.bench),
-            limit=config.bench_limit, temperatures=list(config.temperatures), k=config.draft_k,
-            max_new_tokens=config.max_new_tokens, workers=config.workers, seed=config.seed,
-            out=out / "report", progress=config.progress,
+            target=config.target, drafters=untuned + [str(path) for path in run_dirs],
+            benchmarks=list(config.bench), limit=config.bench_limit, temperatures=list(config.temperatures),
+            k=config.draft_k, max_new_tokens=config.max_new_tokens, workers=config.workers, seed=config.seed,
+            dtype=config.bench_dtype, out=out / "report", progress=config.progress,
         ))
         config.timings["bench"] = time.time() - started
     print((report_dir / "report.md").read_text())
@@ -89,6 +95,22 @@ def run_demo(config: DemoConfig) -> Path:
     _say(f"stage times: {timing}")
     _say(f"report: {report_dir / 'report.md'} (+ report.json and PNG plots)")
     return report_dir
+
+
+def _demo_drafter(spec: str) -> tuple[str, bool]:
+    """The drafter as `lkspec train` takes it, and whether it starts from pretrained weights.
+
+    A preset is built from a config; a model alias is resolved (fetched and converted on first use)
+    to its directory; a directory is used as it is.
+    """
+    from pipeline.models import EMBEDDED_MODELS, resolve_model
+    from trainer.drafters import PRESETS
+
+    if spec in PRESETS:
+        return spec, False
+    if spec in EMBEDDED_MODELS:
+        return str(resolve_model(spec).path), True
+    return spec, True
 
 
 def _stage(number: int, name: str, detail: str) -> None:

