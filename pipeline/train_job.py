@@ -56,7 +56,7 @@ def default_run_name(config: TrainConfig, cache_key: str) -> str:
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate one run against its cache, drafter and target and resolve everything workers need."""
     from cache import CacheMismatchError, open_cache
-    from pipeline.models import resolve_model, tokenizer_fingerprint
+    from pipeline.models import EMBEDDED_MODELS, resolve_model, tokenizer_fingerprint
     from trainer.drafters import resolve_drafter_spec
     from trainer.eagle3_drafter import is_eagle3
 
@@ -117,8 +117,10 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if is_eagle3(config.drafter):
         spec = _eagle3_spec(config, reader, cache_path, target_path, target_config, split, max_positions)
     else:
+        # A model alias (e.g. qwen2.5-coder-0.5b) becomes its local directory, fetched on first use.
+        drafter = str(resolve_model(config.drafter).path) if config.drafter in EMBEDDED_MODELS else config.drafter
         spec = resolve_drafter_spec(
-            config.drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
+            drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
             token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
             init_embeddings=init_embeddings)
     columns = ["aux"] if spec.kind == "eagle3" else []  # the feature columns the drafter reads

@@ -113,6 +113,11 @@ def test_default_run_names_keep_eagle3_and_independent_sweeps_apart(tmp_path):
     assert names == ["kl-ab12cd34-s0", "eagle3-kl-ab12cd34-s0", "eagle3-kl-ab12cd34-s0"]
 
 
+def test_a_model_alias_as_drafter_resolves_to_its_local_directory(tmp_path, cache_dir, smollm2_path):
+    plan = plan_run(_config(cache_dir, tmp_path, drafter="smollm2-135m", drafter_config={}))
+    assert plan.drafter["source"] == "dir" and Path(plan.drafter["path"]) == Path(smollm2_path).resolve()
+
+
 def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir):
     plan = plan_run(_config(cache_dir, tmp_path))
     Path(plan.run_dir).mkdir(parents=True)
