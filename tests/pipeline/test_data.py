@@ -199,5 +199,6 @@ def test_packaged_datasets_read_item_by_item():
 def test_a_failed_package_fetch_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LKSPEC_HOME", str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # no network access for pip: the download must fail
-    with pytest.raises(DataError, match=r"could not fetch llamafactory==0\.9\.5 with pip into .*packages"):
+    with pytest.raises(DataError, match=r"could not fetch llamafactory==0\.9\.5 from PyPI.*"
+                       r"pip download --no-deps llamafactory==0\.9\.5 --no-binary :all: -d .*packages`"):
         open_dataset("alpaca-demo")
