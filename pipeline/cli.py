@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "pipeline.cli_train",
     "pipeline.cli_demo",
     "pipeline.cli_bench",
+    "pipeline.cli_study",
 )
 
 
