@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from eval.prompts import load_prompts  # noqa: E402
 from eval.speculative import speculative_generate  # noqa: E402
-from eval.eagle3_drafting import is_eagle3  # noqa: E402
+from trainer.drafters.eagle3.decode import is_eagle3  # noqa: E402
 from pipeline.bench_job import encode_chat, load_drafter  # noqa: E402
 from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
 
@@ -65,8 +65,8 @@ def build_eagle3_drafter(target_path: Path, draft_vocab: int = 32000) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.target_worker import aux_layers
-    from trainer.eagle3 import Eagle3Config, Eagle3Model
-    from trainer.eagle3_export import save_eagle3
+    from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
+    from trainer.drafters.eagle3.export import save_eagle3
 
     identity = resolve_model(str(target_path)).identity
     out = lkspec_home() / "models" / f"eagle3-untrained-{draft_vocab}-{identity['weights_sha256'][:16]}"

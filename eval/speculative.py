@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from eval import eagle3_drafting
-from eval.eagle3_drafting import Eagle3Cache
+from trainer.drafters.eagle3 import decode as eagle3_drafting
+from trainer.drafters.eagle3.decode import Eagle3Cache
 
 
 def speculative_generate(

@@ -109,7 +109,7 @@ def resolve_drafter(spec: str) -> Drafter:
 
 
 def _drafter_kind(model_dir: Path) -> str:
-    from trainer.eagle3_export import is_eagle3_dir
+    from trainer.drafters.eagle3.export import is_eagle3_dir
 
     return "eagle3" if is_eagle3_dir(model_dir) else "independent"
 
@@ -119,7 +119,7 @@ def load_drafter(path: Path | str, *, dtype: str = "fp32"):
     import torch
 
     from pipeline.models import load_model
-    from trainer.eagle3_export import is_eagle3_dir, load_eagle3
+    from trainer.drafters.eagle3.export import is_eagle3_dir, load_eagle3
 
     if is_eagle3_dir(path):
         return load_eagle3(path).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
@@ -208,8 +208,8 @@ def _check_eagle3_targets(target_path: Path, drafters: list[Drafter]) -> None:
     """Refuse an EAGLE-3 drafter whose target hidden size, vocabulary or aux layers do not fit the target."""
     from transformers import AutoConfig
 
-    from eval.eagle3_drafting import Eagle3MismatchError, check_target
-    from trainer.eagle3_export import Eagle3FormatError, read_config
+    from trainer.drafters.eagle3.decode import Eagle3MismatchError, check_target
+    from trainer.drafters.eagle3.export import Eagle3FormatError, read_config
 
     eagle3 = [d for d in drafters if d.kind == "eagle3"]
     if not eagle3:

@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
-from trainer.eagle3_drafter import is_eagle3
+from trainer.drafters.eagle3.train import is_eagle3
 from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
 
 
@@ -58,7 +58,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     from cache import CacheMismatchError, open_cache
     from pipeline.models import EMBEDDED_MODELS, resolve_model, tokenizer_fingerprint
     from trainer.drafters import resolve_drafter_spec
-    from trainer.eagle3_drafter import is_eagle3
+    from trainer.drafters.eagle3.train import is_eagle3
 
     config.validate()
     cache_path = Path(config.cache).expanduser().resolve()
@@ -149,7 +149,7 @@ def _eagle3_spec(config: TrainConfig, reader, cache_path: Path, target_path: str
                  max_positions: int):
     """The EAGLE-3 DrafterSpec: the cache must hold the aux features; the draft vocabulary comes from its targets."""
     from cache import CacheMismatchError
-    from trainer.eagle3_drafter import draft_vocab_size, resolve_eagle3_spec
+    from trainer.drafters.eagle3.train import draft_vocab_size, resolve_eagle3_spec
 
     manifest = reader.manifest
     aux = manifest["features"].get("aux")
@@ -180,7 +180,7 @@ _VOCABULARIES: dict[tuple, object] = {}
 
 def _draft_vocabulary(reader, size: int, heldout_threshold: int):
     """trainer.eagle3_drafter.draft_vocabulary, computed once per process for a (cache, size, split) (a sweep)."""
-    from trainer.eagle3_drafter import draft_vocabulary
+    from trainer.drafters.eagle3.train import draft_vocabulary
 
     key = (str(reader.path.resolve()), reader.manifest["key"], size, heldout_threshold)
     if key not in _VOCABULARIES:

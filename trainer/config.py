@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from trainer.drafters import DrafterError
-from trainer.eagle3_drafter import is_eagle3, parse_eagle3
+from trainer.drafters.eagle3.train import is_eagle3, parse_eagle3
 from trainer.losses import LOSS_NAMES, TAIL_MODES
 
 DTYPES = ("auto", "fp32", "bf16")

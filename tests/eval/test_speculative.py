@@ -10,10 +10,10 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval.speculative as spec
-from eval import eagle3_drafting
-from eval.eagle3_drafting import Eagle3MismatchError
+from trainer.drafters.eagle3 import decode as eagle3_drafting
+from trainer.drafters.eagle3.decode import Eagle3MismatchError
 from eval.speculative import accept, merge_stats, speculative_generate
-from trainer.eagle3 import Eagle3Config, Eagle3Model
+from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 
 def tiny_llama(seed: int, vocab: int, *, hidden: int = 32, layers: int = 2, init: float = 0.02,

@@ -55,8 +55,8 @@ def save_random_eagle3(target_dir: Path, out: Path, *, target_hidden_size: int |
     from transformers import AutoConfig
 
     from pipeline.target_worker import aux_layers
-    from trainer.eagle3 import Eagle3Config, Eagle3Model
-    from trainer.eagle3_export import save_eagle3
+    from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
+    from trainer.drafters.eagle3.export import save_eagle3
 
     target = AutoConfig.from_pretrained(target_dir)
     torch.manual_seed(2)

@@ -288,7 +288,7 @@ def aux_cache(ray_address, target_dir, tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(aux_cache, tmp_path):
     from cache import open_cache
-    from trainer.eagle3_export import is_eagle3_dir, load_eagle3
+    from trainer.drafters.eagle3.export import is_eagle3_dir, load_eagle3
 
     code = main(["train", "--cache", str(aux_cache), "--out", str(tmp_path), "--loss", "kl,lk_lambda",
                  "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16", "--warmup", "2",

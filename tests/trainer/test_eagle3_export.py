@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.eagle3 import Eagle3Config, Eagle3Model
-from trainer.eagle3_drafter import Eagle3Drafter
-from trainer.eagle3_export import Eagle3FormatError, is_eagle3_dir, load_eagle3, save_eagle3
+from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
+from trainer.drafters.eagle3.train import Eagle3Drafter
+from trainer.drafters.eagle3.export import Eagle3FormatError, is_eagle3_dir, load_eagle3, save_eagle3
 
 CONFIG = Eagle3Config(vocab_size=320, draft_vocab_size=48, hidden_size=48, target_hidden_size=40,
                       intermediate_size=96, num_attention_heads=6, num_key_value_heads=2, aux_layers=(2, 8, 13),

@@ -229,7 +229,7 @@ def resolve_drafter_spec(drafter: str, overrides: dict[str, Any], *, vocab_size:
 def build_drafter(spec: DrafterSpec) -> Drafter:
     """Instantiate the drafter in fp32 on CPU (weights from the directory, or initialized from torch's RNG)."""
     if spec.kind == "eagle3":
-        from trainer.eagle3_drafter import build_eagle3
+        from trainer.drafters.eagle3.train import build_eagle3
 
         return build_eagle3(spec)
     if spec.kind != "independent":

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from trainer.eagle3 import Eagle3Config, Eagle3Model
+from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 
 class Eagle3MismatchError(ValueError):

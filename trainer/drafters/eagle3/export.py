@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.eagle3 import Eagle3Config, Eagle3Model
+from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # Architecture names other EAGLE-3 exporters write for the same layout.

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from trainer.drafters import Drafter, DrafterError, DrafterSpec, DraftStep, option_value
-from trainer.eagle3 import Eagle3Config, Eagle3Model
-from trainer.eagle3_export import load_eagle3, save_eagle3
+from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
+from trainer.drafters.eagle3.export import load_eagle3, save_eagle3
 
 NAME = "eagle3"
 DEFAULT_STEPS = 6  # TTT steps K (the paper's recipe)
