@@ -1,0 +1,1 @@
+"""The EAGLE-3 family: its model, training step, decoding and export."""
