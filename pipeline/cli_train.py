@@ -170,7 +170,8 @@ def run_runs(args: argparse.Namespace) -> int:
 
 COLUMNS = [("name", "run"), ("status", "status"), ("loss", "loss"), ("tail", "tail"), ("target", "target"),
            ("steps", "steps"), ("train_loss", "train loss"), ("train_alpha", "train α"),
-           ("heldout_alpha", "held-out α"), ("heldout_tau", "held-out τ"), ("best_tau", "best τ"),
+           ("heldout_alpha_drop", "held-out α (drop)"), ("heldout_alpha_bucket", "held-out α (bucket)"),
+           ("heldout_tau_drop", "E[τ] (drop)"), ("heldout_tau_bucket", "E[τ] (bucket)"), ("best_tau", "best τ"),
            ("best_step", "@step"), ("tokens_per_s", "tok/s"), ("cache", "cache")]
 
 
@@ -184,6 +185,8 @@ def format_runs(rows: list[dict]) -> str:
             return "-"
         if isinstance(value, float):
             return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+        if isinstance(value, list):  # per draft step
+            return " ".join(f"{item:.3f}" for item in value)
         return str(value)
 
     table = [[title for _, title in COLUMNS]] + [[cell(row.get(key)) for key, _ in COLUMNS] for row in rows]

@@ -422,13 +422,17 @@ def _say(message: str) -> None:
 
 def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     """Every run under runs_dir (sorted by name) with its status and headline metrics."""
+    from trainer.heldout import acceptance_summary
+
     rows = []
     for run_dir in sorted(Path(runs_dir).expanduser().iterdir()) if Path(runs_dir).expanduser().is_dir() else []:
         run = read_run(run_dir)
         if run is None:
             continue
         final = run.get("final") or {}
-        train, heldout = final.get("train") or {}, final.get("eval") or {}
+        train, heldout = final.get("train") or {}, run.get("heldout") or {}
+        if "alpha_drop" not in heldout and final.get("eval"):  # a run.json written before the measurement block
+            heldout = acceptance_summary(final["eval"], (run.get("config") or {}).get("tau_draft_len"))
         best = run.get("best") or {}
         rows.append({
             "name": run_dir.name,
@@ -441,8 +445,11 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
             "steps": f"{run.get('steps_done', 0) or 0}/{run.get('total_steps', '?')}",
             "train_loss": train.get("loss"),
             "train_alpha": (train.get("alpha") or [None])[0],
-            "heldout_alpha": (heldout.get("alpha") or [None])[0],
-            "heldout_tau": heldout.get("tau"),
+            "heldout_alpha_drop": heldout.get("alpha_drop"),  # per draft step: lower bound of α
+            "heldout_alpha_bucket": heldout.get("alpha_bucket"),  # per draft step: upper bound of α
+            "heldout_tau_drop": heldout.get("tau_drop"),
+            "heldout_tau_bucket": heldout.get("tau_bucket"),
+            "heldout_step": heldout.get("step"),
             "best_tau": best.get("tau"),
             "best_step": best.get("step"),
             "tokens_per_s": train.get("tokens_per_s"),

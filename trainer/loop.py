@@ -8,7 +8,9 @@
 Held-out expected τ: for one draft step it is the chain estimate 1 + Σ_{k≤K} ᾱ^k with ᾱ the
 held-out mean acceptance and K = tau_draft_len (7); drafters with n steps use ᾱ_1..ᾱ_n and repeat
 ᾱ_n up to K. Held-out α is reported with the cache's tail as one bucket ("alpha", exact for the
-coarsened distributions, an upper bound of the true α) and with the tail dropped ("alpha_lower").
+coarsened distributions, an upper bound of the true α) and with the tail dropped ("alpha_lower", a
+lower bound), whatever tail the run trains with. Each evaluation also writes its per-sequence sums
+to heldout.json (trainer.heldout); the last one becomes run.json's `heldout` measurement.
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ from trainer.checkpoint import CHECKPOINTS_DIR, export_drafter, load_checkpoint,
 from trainer.config import RunPlan, TrainConfig
 from trainer.data import Batch, BatchStream, DataPosition, LoaderSpec, eval_batches
 from trainer.drafters import DraftStep, DrafterSpec, build_drafter
+from trainer.heldout import QUANTITIES, HeldoutSums, acceptance_summary, write_heldout
 from trainer.losses import DenseTarget, SparseTarget, combine_steps, compute_loss, expected_tau, kl_alpha
-from trainer.rundir import MetricsLogger, update_run
+from trainer.rundir import MetricsLogger, read_run, update_run
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Max |Δlogit| between the trained module and its reloaded export (every draft step), relative to max(1, max |logit|):
@@ -65,14 +68,6 @@ def warmup_cosine(total_steps: int, warmup: int):
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return multiplier
-
-
-def tau_from_alphas(alphas: list[float], draft_len: int) -> float:
-    """Expected acceptance length at K = draft_len from per-step mean α (the last step's α repeated)."""
-    if not alphas:
-        return 1.0
-    chain = (list(alphas) + [alphas[-1]] * draft_len)[:draft_len]
-    return expected_tau(chain)
 
 
 def select_rows(target: DenseTarget | SparseTarget, rows: Tensor | None):
@@ -139,7 +134,7 @@ def step_record(step: int, results: list, loss: Tensor, batch: Batch, *, elapsed
         "alpha": alpha,
         "kl": [x / max(c, 1.0) for x, c in zip(kl_sums, counts)],
         "lam": [x / world_size for x in lams] if config.loss == "lk_lambda" else None,
-        "tau": tau_from_alphas(alpha, config.tau_draft_len),
+        "tau": expected_tau(alpha, config.tau_draft_len),
         "lr": lr,
         "tokens": int(summed[2]),
         "targets": int(summed[1]),
@@ -150,13 +145,13 @@ def step_record(step: int, results: list, loss: Tensor, batch: Batch, *, elapsed
     }
 
 
-def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, config: TrainConfig,
-             device) -> dict[str, Any]:
-    """Collective: held-out α (tail bucket / dropped), KL and expected τ over every rank's share."""
+def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, eval_ids: list[str], step: int,
+             device) -> HeldoutSums:
+    """Collective: per held-out sequence and draft step, Σα (tail dropped / bucket), ΣKL and positions, all ranks."""
     num_batches = int(_all_reduce([len(batches)], device, dist.ReduceOp.MAX)[0])
     vocab_map = getattr(engine.module, "vocab_map", None)
-    num_steps = engine.module.num_steps
-    sums = [0.0] * (4 * num_steps)  # per step: α (tail bucket), α (tail dropped), KL, positions
+    index = {sample_id: i for i, sample_id in enumerate(eval_ids)}
+    sums = torch.zeros(len(QUANTITIES), len(eval_ids), engine.module.num_steps, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
@@ -165,28 +160,19 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
             if i >= len(batches):
                 continue
             target = targets(batch)
-            for n, step in enumerate(steps):
-                step_target = select_rows(target, step.rows)
-                kl, alpha, _ = kl_alpha(step.logits, step_target, tail="bucket", vocab_map=vocab_map)
-                sums[n] += float(alpha.sum())
-                sums[2 * num_steps + n] += float(kl.sum())
-                sums[3 * num_steps + n] += alpha.shape[0]
+            sequence = torch.tensor([index[sid] for sid in batch.sample_ids], device=device)[batch.target_batch]
+            for n, draft in enumerate(steps):
+                step_target = select_rows(target, draft.rows)
+                rows = sequence if draft.rows is None else sequence[draft.rows]  # [N_n] held-out sequence index
+                kl, alpha_bucket, _ = kl_alpha(draft.logits, step_target, tail="bucket", vocab_map=vocab_map)
+                alpha_drop = alpha_bucket  # a full distribution has no tail: both modes agree
                 if isinstance(step_target, SparseTarget):
-                    _, alpha, _ = kl_alpha(step.logits, step_target, tail="drop", vocab_map=vocab_map)
-                sums[num_steps + n] += float(alpha.sum())
+                    _, alpha_drop, _ = kl_alpha(draft.logits, step_target, tail="drop", vocab_map=vocab_map)
+                for q, values in enumerate((alpha_drop, alpha_bucket, kl, torch.ones_like(kl))):
+                    sums[q, :, n].index_add_(0, rows, values.to(torch.float64))
     engine.train()
-    sums = _all_reduce(sums, device)
-    counts = [max(c, 1.0) for c in sums[3 * num_steps:]]
-    alpha = [s / c for s, c in zip(sums[:num_steps], counts)]
-    alpha_lower = [s / c for s, c in zip(sums[num_steps:2 * num_steps], counts)]
-    return {
-        "alpha": alpha,
-        "alpha_lower": alpha_lower,
-        "kl": [s / c for s, c in zip(sums[2 * num_steps:3 * num_steps], counts)],
-        "tau": tau_from_alphas(alpha, config.tau_draft_len),
-        "tau_lower": tau_from_alphas(alpha_lower, config.tau_draft_len),
-        "positions": int(sums[3 * num_steps]),
-    }
+    dist.all_reduce(sums)  # each rank filled the rows of its own sequences
+    return HeldoutSums(sample_ids=list(eval_ids), sums=sums.cpu().numpy(), step=step)
 
 
 def probe_inputs(vocab_size: int, seed: int, feature_dims: dict[str, int] | None = None) -> Batch:
@@ -323,8 +309,11 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
             record["epoch"] = stream.position.epoch
             last_train = {k: v for k, v in record.items() if k != "time"}
             if (config.eval_every and step % config.eval_every == 0) or step == plan.total_steps:
-                last_eval = evaluate(engine, held_out, dummy, targets, config, device)
+                sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, step, device)
+                last_eval = sums.record(config.tau_draft_len)
                 record["eval"] = last_eval
+                if rank == 0:
+                    write_heldout(run_dir, sums, config.tau_draft_len)
                 if best is None or last_eval["tau"] > best["tau"]:
                     best = {"step": step, **last_eval}
                     export_drafter(engine, run_dir / "best", plan.tokenizer_dir)
@@ -360,6 +349,8 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
                    final={"train": last_train, "eval": last_eval}, best=best,
                    model_dir=str(run_dir / "model") if finished else None,
                    best_dir=str(run_dir / "best") if best else None,
+                   heldout={**((read_run(run_dir) or {}).get("heldout") or {}),
+                            **(acceptance_summary(last_eval, config.tau_draft_len) if last_eval else {})},
                    export_check=export_check, finished=time.time(), dtype=dtype,
                    worker_wall_time_s=time.time() - started, worker_timings=timings)
     dist.barrier()

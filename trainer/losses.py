@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -469,10 +470,21 @@ def combine_steps(step_results: Sequence[LossResult | Tensor], gamma: float = 0.
     return total  # type: ignore[return-value]
 
 
-def expected_tau(alpha_per_step: Sequence[float | Tensor] | Tensor) -> float:
-    """Expected acceptance length E[τ] = 1 + Σ_k Π_{j≤k} ᾱ_j from the per-step mean acceptance rates."""
-    tau, run = 1.0, 1.0
-    for a in alpha_per_step:
-        run *= float(a)
-        tau += run
-    return tau
+def expected_tau(alpha_per_step: Sequence[float | Tensor] | Tensor | np.ndarray,
+                 draft_len: int | None = None) -> float | np.ndarray:
+    """Expected acceptance length 1 + Σ_k Π_{j≤k} ᾱ_j from per-step mean acceptance rates (the last axis).
+
+    With `draft_len`, the chain has exactly that many steps: the last ᾱ is repeated (or the list cut).
+    One chain gives a float; a stack `[..., steps]` gives an array of τ.
+    """
+    if isinstance(alpha_per_step, Tensor):
+        alphas = alpha_per_step.detach().cpu().double().numpy()
+    elif isinstance(alpha_per_step, np.ndarray):
+        alphas = alpha_per_step.astype(np.float64)
+    else:
+        alphas = np.array([float(a) for a in alpha_per_step], dtype=np.float64)
+    if draft_len is not None and alphas.shape[-1] > 0:
+        last = np.repeat(alphas[..., -1:], max(0, draft_len - alphas.shape[-1]), axis=-1)
+        alphas = np.concatenate([alphas, last], axis=-1)[..., :draft_len]
+    tau = 1.0 + np.cumprod(alphas, axis=-1).sum(axis=-1)
+    return float(tau) if tau.ndim == 0 else tau

@@ -198,7 +198,24 @@ def test_runs_lists_the_run(zero2_run, capsys):
     table = capsys.readouterr().out
     assert zero2_run.name in table and "done" in table and "24/24" in table
     [row] = list_runs(zero2_run.parent)
-    assert row["heldout_tau"] >= 1.0 and row["loss"] == "kl"
+    assert row["loss"] == "kl" and row["heldout_step"] == 24
+    assert 1.0 <= row["heldout_tau_drop"] <= row["heldout_tau_bucket"]
+    assert all(0 <= d <= b <= 1 for d, b in zip(row["heldout_alpha_drop"], row["heldout_alpha_bucket"]))
+
+
+@pytest.mark.slow
+def test_heldout_json_holds_the_per_sequence_sums_of_the_last_evaluation(zero2_run):
+    from trainer.heldout import read_heldout
+
+    run, plan = read_run(zero2_run), json.loads((zero2_run / "plan.json").read_text())
+    sums = read_heldout(zero2_run)
+    assert sums.step == 24 and sums.sample_ids == plan["eval_ids"]  # every rank's share, in the plan's order
+    final = run["final"]["eval"]
+    assert sums.pooled("alpha_bucket_sum") == pytest.approx(final["alpha"])
+    assert sums.pooled("alpha_drop_sum") == pytest.approx(final["alpha_lower"])
+    assert run["heldout"]["alpha_drop"] == pytest.approx(final["alpha_lower"])
+    assert run["heldout"]["tau_bucket"] == pytest.approx(final["tau"])
+    assert run["heldout"]["sequences"] == len(plan["eval_ids"]) and run["heldout"]["num_heldout"] >= 1
 
 
 @pytest.mark.slow

@@ -1,8 +1,6 @@
 """Drafter builders and the loop's components (no Ray, no DeepSpeed)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -10,7 +8,7 @@ from cache import CacheMismatchError, open_cache
 from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
 from trainer.drafters import (PRESETS, Drafter, DrafterError, DrafterSpec, IndependentDrafter, build_drafter,
                               load_input_embeddings, parse_arch_overrides, resolve_drafter_spec)
-from trainer.loop import TargetSource, probe_inputs, select_rows, tau_from_alphas, warmup_cosine
+from trainer.loop import TargetSource, probe_inputs, select_rows, warmup_cosine
 from trainer.losses import DenseTarget, SparseTarget
 
 VOCAB = 49152
@@ -128,9 +126,3 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert schedule(4) == 1.0 and schedule(9) < schedule(6) < 1.0 and schedule(10) == pytest.approx(0.0)
     assert warmup_cosine(10, 0)(0) == 1.0
-
-
-def test_expected_tau_is_the_chain_estimate():
-    assert tau_from_alphas([0.5], 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
-    assert tau_from_alphas([0.9, 0.5], 3) == pytest.approx(1 + 0.9 + 0.45 + 0.225)
-    assert tau_from_alphas([1.0], 7) == 8.0 and math.isclose(tau_from_alphas([0.0], 7), 1.0)
