@@ -1,10 +1,13 @@
 """manifest.json: the single source of truth for what a cache directory contains.
 
 Only the build driver writes it; every rewrite is atomic and its content is a deterministic
-function of the committed shards, so a resumed build ends byte-identical to a clean one.
+function of the committed shards, so a resumed build ends byte-identical to a clean one. Every
+rewrite happens under the cache's exclusive lock (cache.lock) and starts from the manifest on disk,
+so two Manifest objects of one directory never undo each other's shards or a finalization.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Iterator, Mapping
@@ -14,6 +17,7 @@ from typing import Any
 from cache.atomic import atomic_write
 from cache.errors import CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError
 from cache.keys import canonical_json, content_key
+from cache.lock import CacheLock, lock_cache
 from cache.records import ShardInfo
 from cache.schema import CORE, FORMAT_VERSION, check_cache_params, is_int_at_least, shard_file_name
 
@@ -23,11 +27,16 @@ _FIELDS = {"format_version", *_IDENTITY_FIELDS, "complete", "num_sequences", "nu
 
 
 class Manifest(Mapping[str, Any]):
-    """Read-only mapping view of manifest.json plus the driver's operations on it."""
+    """Read-only mapping view of manifest.json plus the driver's operations on it.
 
-    def __init__(self, cache_dir: Path, data: dict[str, Any]):
+    Writes use `lock` when it is the directory's held exclusive lock (the build driver's), else they
+    take that lock for the duration of one rewrite.
+    """
+
+    def __init__(self, cache_dir: Path, data: dict[str, Any], lock: CacheLock | None = None):
         self.path = cache_dir
         self._data = data
+        self._lock = lock
 
     def __getitem__(self, name: str) -> Any:
         return copy.deepcopy(self._data[name])
@@ -48,29 +57,48 @@ class Manifest(Mapping[str, Any]):
 
     def record_shard(self, info: ShardInfo) -> None:
         """Add (or replace) a committed shard after checking its files are in this directory; rewrite atomically."""
-        if self._data["complete"]:
-            raise CacheError(f"{self.path}: cache is finalized; cannot record shard {info.index}")
-        _check_shard(info, self._data)
-        for group, name in info.files.items():
-            path = self.path / name
-            size = path.stat().st_size if path.is_file() else None
-            if size != info.bytes[group]:
-                raise CacheError(f"shard {info.index}: {path} has size {size}, the writer reported "
-                                 f"{info.bytes[group]} (was it written into another directory?)")
-        shards = [s for s in self._data["shards"] if s["index"] != info.index] + [info.to_dict()]
-        self._data["shards"] = sorted(shards, key=lambda s: s["index"])
-        self._data["num_sequences"] = sum(s["num_sequences"] for s in shards)
-        self._data["num_positions"] = sum(s["num_positions"] for s in shards)
-        self._write()
+        with self._exclusive():
+            data = self._reread()
+            if data["complete"]:
+                raise CacheError(f"{self.path}: cache is finalized; cannot record shard {info.index}")
+            _check_shard(info, data)
+            for group, name in info.files.items():
+                path = self.path / name
+                size = path.stat().st_size if path.is_file() else None
+                if size != info.bytes[group]:
+                    raise CacheError(f"shard {info.index}: {path} has size {size}, the writer reported "
+                                     f"{info.bytes[group]} (was it written into another directory?)")
+            shards = [s for s in data["shards"] if s["index"] != info.index] + [info.to_dict()]
+            data["shards"] = sorted(shards, key=lambda s: s["index"])
+            data["num_sequences"] = sum(s["num_sequences"] for s in shards)
+            data["num_positions"] = sum(s["num_positions"] for s in shards)
+            self._data = data
+            self._write()
 
     def finalize(self) -> None:
         """Mark the cache complete; raises CacheIncompleteError if a planned shard is missing."""
-        missing = sorted(set(range(self._data["num_shards_planned"])) - self.committed_indices())
-        if missing:
-            raise CacheIncompleteError(f"{self.path}: {len(missing)} planned shards not committed, "
-                                       f"first missing: {missing[:5]}")
-        self._data["complete"] = True
-        self._write()
+        with self._exclusive():
+            self._data = self._reread()
+            missing = sorted(set(range(self._data["num_shards_planned"])) - self.committed_indices())
+            if missing:
+                raise CacheIncompleteError(f"{self.path}: {len(missing)} planned shards not committed, "
+                                           f"first missing: {missing[:5]}")
+            self._data["complete"] = True
+            self._write()
+
+    def _exclusive(self) -> contextlib.AbstractContextManager:
+        """The directory's exclusive lock for one rewrite: the held one of the driver, or a fresh one."""
+        if _holds_exclusive(self._lock, self.path):
+            return contextlib.nullcontext()
+        return lock_cache(self.path, exclusive=True)
+
+    def _reread(self) -> dict[str, Any]:
+        """The manifest as on disk now (another writer may have changed it), checked to be the same cache."""
+        data = load_manifest(self.path)._data
+        if data["key"] != self._data["key"]:
+            raise CacheMismatchError(f"{self.path / MANIFEST_NAME} now holds cache {data['key']}, "
+                                     f"not {self._data['key']}")
+        return data
 
     def _write(self) -> None:
         text = json.dumps(self._data, sort_keys=True, indent=2, allow_nan=False) + "\n"
@@ -78,9 +106,17 @@ class Manifest(Mapping[str, Any]):
 
 
 def create_manifest(cache_dir: str | Path, *, key: str, identity: dict, k: int, vocab_size: int,
-                    tokenizer_sha256: str, features: dict[str, dict], num_shards_planned: int) -> Manifest:
-    """Write a new incomplete manifest, or return the existing one with the same key (resume)."""
+                    tokenizer_sha256: str, features: dict[str, dict], num_shards_planned: int,
+                    lock: CacheLock | None = None) -> Manifest:
+    """Write a new incomplete manifest, or return the existing one with the same key (resume).
+
+    `lock`: the directory's exclusive lock held by the caller (the build driver) for its later writes.
+    """
     cache_dir = Path(cache_dir)
+    if lock is not None and not _holds_exclusive(lock, cache_dir):
+        raise CacheError(f"{cache_dir}: create_manifest needs this directory's held exclusive lock, got "
+                         f"{lock.path} ({'exclusive' if lock.exclusive else 'shared'}, "
+                         f"{'held' if lock.held else 'released'})")
     if key != content_key(identity):
         raise CacheError(f"key {key!r} is not content_key(identity) = {content_key(identity)!r}")
     data = json.loads(canonical_json({
@@ -89,18 +125,18 @@ def create_manifest(cache_dir: str | Path, *, key: str, identity: dict, k: int, 
         "complete": False, "num_sequences": 0, "num_positions": 0, "shards": [],
     }))
     _check_fields(data, f"new manifest for {cache_dir}", CacheError)
-    if (cache_dir / MANIFEST_NAME).exists():
-        existing = load_manifest(cache_dir)
-        if existing["key"] != key:
-            raise CacheMismatchError(f"{cache_dir} holds cache {existing['key']}, not {key}")
-        for name in _IDENTITY_FIELDS:
-            if canonical_json(existing[name]) != canonical_json(data[name]):
-                raise CacheMismatchError(f"{cache_dir}: manifest has {name}={existing[name]!r}, "
-                                         f"the build asks for {data[name]!r}")
-        return existing
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(cache_dir, data)
-    manifest._write()
+    manifest = Manifest(cache_dir, data, lock)
+    with manifest._exclusive():
+        if (cache_dir / MANIFEST_NAME).exists():
+            existing = load_manifest(cache_dir)
+            if existing["key"] != key:
+                raise CacheMismatchError(f"{cache_dir} holds cache {existing['key']}, not {key}")
+            for name in _IDENTITY_FIELDS:
+                if canonical_json(existing[name]) != canonical_json(data[name]):
+                    raise CacheMismatchError(f"{cache_dir}: manifest has {name}={existing[name]!r}, "
+                                             f"the build asks for {data[name]!r}")
+            return Manifest(cache_dir, existing._data, lock)
+        manifest._write()
     return manifest
 
 
@@ -130,9 +166,19 @@ def load_manifest(cache_dir: str | Path) -> Manifest:
     for total in ("num_sequences", "num_positions"):
         if data[total] != sum(shard[total] for shard in data["shards"]):
             raise CacheCorruptError(f"{path}: {total}={data[total]} is not the sum over shards")
+    if data["complete"] and len(indices) != data["num_shards_planned"]:
+        missing = sorted(set(range(data["num_shards_planned"])) - set(indices))
+        raise CacheCorruptError(f"{path}: complete is true but shards lists {len(indices)} of the "
+                                f"num_shards_planned={data['num_shards_planned']} shards (missing {missing[:5]})")
     if data["key"] != content_key(data["identity"]):
         raise CacheCorruptError(f"{path}: key {data['key']} does not match its identity")
     return Manifest(Path(cache_dir), data)
+
+
+def _holds_exclusive(lock: CacheLock | None, cache_dir: Path) -> bool:
+    """Whether `lock` is the held exclusive lock of `cache_dir`."""
+    return (lock is not None and lock.held and lock.exclusive
+            and lock.path.parent.resolve() == Path(cache_dir).resolve())
 
 
 def _check_fields(data: dict[str, Any], where: str, error: type[CacheError]) -> None:

@@ -1,35 +1,70 @@
 """CacheReader: verified, rank-partitioned streaming of a cache's shards."""
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cache.atomic import sha256_hex
 from cache.errors import CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError
-from cache.manifest import Manifest, load_manifest
+from cache.lock import CacheLock, lock_cache
+from cache.manifest import MANIFEST_NAME, Manifest, load_manifest
 from cache.records import SequenceRecord, ShardInfo, validate_record
 from cache.schema import CORE, is_int_at_least
-from cache.shard import iter_core, iter_feature
+from cache.shard import core_counts, iter_core, iter_feature
 
 
 def open_cache(path: str | Path, *, allow_incomplete: bool = False) -> CacheReader:
-    """Open a cache directory; refuses an unfinished build unless allow_incomplete."""
-    manifest = load_manifest(path)
-    if not manifest["complete"] and not allow_incomplete:
-        raise CacheIncompleteError(
-            f"{path}: the build is incomplete ({len(manifest.committed_indices())} of "
-            f"{manifest['num_shards_planned']} shards committed); rerun the build to resume it")
-    return CacheReader(manifest)
+    """Open a cache directory under its shared lock after the structural checks; refuses an unfinished build.
+
+    A reader of a complete cache waits for a build or gc holding the lock, and holds its shared lock until
+    close() (gc never removes a cache in use). With allow_incomplete (info, verify) it never waits: it
+    takes the lock only if free. The structural checks are cheap (no checksum; that is verify's job).
+    """
+    lock = lock_cache(path, exclusive=False, wait=not allow_incomplete, on_wait=_report_wait)
+    try:
+        manifest = load_manifest(path)
+        if not manifest["complete"] and not allow_incomplete:
+            raise CacheIncompleteError(
+                f"{path}: the build is incomplete ({len(manifest.committed_indices())} of "
+                f"{manifest['num_shards_planned']} shards committed); rerun the build to resume it")
+        reader = CacheReader(manifest, lock)
+        problems = reader.structure_problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+            raise type(problems[0])(f"{Path(path) / MANIFEST_NAME} does not match the shard files: "
+                                    f"{problems[0]}{more}; run lkspec cache verify, then rebuild")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return reader
+
+
+def _report_wait(lock_path: Path) -> None:
+    print(f"waiting for the build or gc that holds {lock_path} to finish", file=sys.stderr, flush=True)
 
 
 class CacheReader:
     """Reads one cache directory; trusts only the files its manifest lists, with matching sha256."""
 
-    def __init__(self, manifest: Manifest):
+    def __init__(self, manifest: Manifest, lock: CacheLock | None = None):
         self.manifest = manifest
         self.path = manifest.path
+        self._lock = lock
         self._shards = {info.index: info for info in manifest.shard_infos()}
+
+    def close(self) -> None:
+        """Release the shared lock (a closed reader still reads, unprotected from gc)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def shard_indices(self) -> list[int]:
         """Indices of the committed shards, ascending."""
@@ -61,8 +96,12 @@ class CacheReader:
         owned = [self._shards[i] for i in order if i % world_size == rank]
         return (record for info in owned for record in self._decode(info, self._load(info, groups)))
 
+    def structure_problems(self) -> list[CacheError]:
+        """The cheap checks of every shard's core file (presence, size, schema, counts); open_cache refuses any."""
+        return [problem for info in self._shards.values() if (problem := self._structure_problem(info))]
+
     def verify(self) -> list[str]:
-        """Check every file (presence, sha256, version, decoding, record validity, counts); return the problems."""
+        """Check every file (structure, sha256, version, decoding, record validity); return the problems."""
         problems = []
         if not self.manifest["complete"]:
             problems.append(f"incomplete: {len(self._shards)} of {self.manifest['num_shards_planned']} "
@@ -71,6 +110,10 @@ class CacheReader:
         feature_dims = {name: spec["dim"] for name, spec in features.items()}
         sample_ids: Counter[str] = Counter()
         for info in self._shards.values():
+            structural = self._structure_problem(info)
+            if structural:
+                problems.append(str(structural))
+                continue
             contents = {}
             for group in info.files:
                 try:
@@ -87,15 +130,31 @@ class CacheReader:
             except CacheError as exc:
                 problems.append(f"shard {info.index}: {exc}")
                 continue
-            counts = (len(records), sum(r.num_positions for r in records))
-            if counts != (info.num_sequences, info.num_positions):
-                problems.append(f"shard {info.index}: holds {counts[0]} sequences / {counts[1]} positions, "
-                                f"the manifest says {info.num_sequences} / {info.num_positions}")
             sample_ids.update(r.sample_id for r in records)
         repeated = [sid for sid, n in sample_ids.items() if n > 1]
         if repeated:
             problems.append(f"{len(repeated)} sample ids appear in more than one shard, e.g. {repeated[0]!r}")
         return problems
+
+    def _structure_problem(self, info: ShardInfo) -> CacheError | None:
+        """What is wrong with the core file of one shard, found without reading its payload, or None."""
+        path = self.path / info.files[CORE]
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            return CacheCorruptError(f"{path}: cannot read shard file ({exc.strerror})")
+        if size != info.bytes[CORE]:
+            return CacheCorruptError(f"{path}: {size} bytes, the manifest's shard {info.index} says "
+                                     f"bytes {info.bytes[CORE]}")
+        try:
+            counts = core_counts(path, k=self.manifest["k"], vocab_size=self.manifest["vocab_size"])
+        except CacheError as exc:
+            return exc
+        if counts != (info.num_sequences, info.num_positions):
+            return CacheCorruptError(
+                f"shard {info.index}: {info.files[CORE]} holds {counts[0]} sequences / {counts[1]} positions, "
+                f"the manifest says num_sequences={info.num_sequences} / num_positions={info.num_positions}")
+        return None
 
     def _feature_groups(self, names: Sequence[str]) -> list[str]:
         if isinstance(names, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import numbers
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,11 +65,31 @@ def write_ipc(fields: pa.Schema, meta: dict[str, Any], columns: dict[str, list],
 def read_ipc(data: bytes, file_name: str, fields: pa.Schema,
              expected: dict[str, Any]) -> tuple[pa.RecordBatch, dict[str, Any]]:
     """Parse bytes from write_ipc: check version, columns and the `expected` metadata; return (batch, metadata)."""
+    reader, meta = _open_ipc(pa.py_buffer(data), file_name, fields, expected)
+    return _first_batch(reader, file_name), meta
+
+
+def read_ipc_column(path: Path, fields: pa.Schema, expected: dict[str, Any], column: str) -> np.ndarray:
+    """One numeric column of a write_ipc file, checked like read_ipc; only that column is read and decompressed."""
     try:
-        reader = pa.ipc.open_file(pa.py_buffer(data))
+        with pa.memory_map(str(path)) as source:
+            _open_ipc(source, path.name, fields, expected)
+            options = pa.ipc.IpcReadOptions(included_fields=[fields.get_field_index(column)])
+            batch = _first_batch(pa.ipc.open_file(source, options=options), path.name)
+            return batch.column(0).to_numpy(zero_copy_only=False).copy()  # a copy: the map closes here
+    except OSError as exc:
+        raise CacheCorruptError(f"{path}: cannot read shard file ({exc.strerror or exc})") from None
+
+
+def _open_ipc(source: pa.Buffer | pa.NativeFile, file_name: str, fields: pa.Schema,
+              expected: dict[str, Any]) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
+    """Open a write_ipc file: check version, columns, the single batch and the `expected` metadata."""
+    try:
+        reader = pa.ipc.open_file(source)
         meta = json.loads((reader.schema.metadata or {})[METADATA_KEY])
-        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
-    except (pa.ArrowException, KeyError, ValueError) as exc:
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    except (pa.ArrowException, OSError, KeyError, ValueError) as exc:
         raise CacheCorruptError(f"{file_name}: not a readable lkspec shard ({exc})") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise CacheMismatchError(f"{file_name}: shard format version {meta.get('format_version')!r}, "
@@ -76,10 +97,17 @@ def read_ipc(data: bytes, file_name: str, fields: pa.Schema,
     wrong = {key: meta.get(key) for key, value in expected.items() if meta.get(key) != value}
     if wrong:
         raise CacheCorruptError(f"{file_name}: shard metadata {wrong} does not match the manifest {expected}")
-    if not reader.schema.remove_metadata().equals(fields) or len(batches) != 1:
+    if not reader.schema.remove_metadata().equals(fields) or reader.num_record_batches != 1:
         raise CacheCorruptError(f"{file_name}: expected one record batch with columns {fields.names}, "
-                                f"got {len(batches)} with {reader.schema.names}")
-    return batches[0], meta
+                                f"got {reader.num_record_batches} with {reader.schema.names}")
+    return reader, meta
+
+
+def _first_batch(reader: pa.ipc.RecordBatchFileReader, file_name: str) -> pa.RecordBatch:
+    try:
+        return reader.get_batch(0)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CacheCorruptError(f"{file_name}: not a readable lkspec shard ({exc})") from None
 
 
 def binary_column(batch: pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray]:

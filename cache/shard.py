@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ from cache import codec
 from cache.errors import CacheCorruptError
 from cache.records import SequenceRecord
 from cache.schema import (CORE, CORE_COLUMNS, CORE_FIELDS, CORE_ZSTD_LEVEL, FEATURE_COLUMN, FEATURE_FIELDS,
-                          FEATURE_ZSTD_LEVEL, binary_column, read_ipc, write_ipc)
+                          FEATURE_ZSTD_LEVEL, binary_column, read_ipc, read_ipc_column, write_ipc)
 
 
 def encode_core(records: list[SequenceRecord], *, k: int, vocab_size: int, logprob_dtype: str) -> bytes:
@@ -65,6 +66,13 @@ def iter_core(data: bytes, file_name: str, *, k: int, vocab_size: int) -> Iterat
                 or record.num_positions != positions:
             raise CacheCorruptError(f"{file_name}: row {i} ({sample_id!r}) has inconsistent lengths")
         yield record
+
+
+def core_counts(path: Path, *, k: int, vocab_size: int) -> tuple[int, int]:
+    """(sequences, trained positions) of a core file, from its schema and num_positions column alone (no checksum)."""
+    positions = read_ipc_column(path, CORE_FIELDS, {"group": CORE, "k": k, "vocab_size": vocab_size},
+                                "num_positions")
+    return len(positions), int(positions.sum(dtype=np.int64))
 
 
 def iter_feature(data: bytes, file_name: str, *, name: str, dim: int) -> Iterator[tuple[str, np.ndarray]]:

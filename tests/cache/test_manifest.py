@@ -9,7 +9,7 @@ from cache_builders import IDENTITY, K, VOCAB, accepted_files, build_cache, shar
 
 import cache.keys
 from cache import (CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError, CacheWriter,
-                   content_key, create_manifest, open_cache)
+                   content_key, create_manifest, load_manifest, open_cache)
 from cache.manifest import MANIFEST_NAME
 
 
@@ -148,3 +148,85 @@ def test_finalize_requires_every_planned_shard(cache_dir):
 def test_not_a_cache_directory(tmp_path):
     with pytest.raises(CacheError, match="not a cache directory"):
         open_cache(tmp_path)
+
+
+def test_a_second_manifest_object_never_rolls_a_finished_manifest_back(cache_dir):
+    first, second = _create(cache_dir), _create(cache_dir)  # two drivers of one directory
+    writer = CacheWriter(cache_dir, k=K, vocab_size=VOCAB)
+    infos = [writer.write_shard(index, shard_records(index)) for index in range(3)]
+    second.record_shard(infos[1])
+    for info in (infos[0], infos[2]):
+        first.record_shard(info)  # re-reads the disk: keeps the second driver's shard 1
+    first.finalize()
+    finished = (cache_dir / MANIFEST_NAME).read_bytes()
+    with pytest.raises(CacheError, match="finalized"):
+        second.record_shard(infos[0])
+    assert (cache_dir / MANIFEST_NAME).read_bytes() == finished
+    assert open_cache(cache_dir).shard_indices() == [0, 1, 2]
+
+
+def test_manifest_writes_wait_for_the_exclusive_lock_holder(cache_dir):
+    import threading
+
+    from cache.lock import lock_cache
+
+    manifest = _create(cache_dir)
+    info = CacheWriter(cache_dir, k=K, vocab_size=VOCAB).write_shard(0, shard_records(0))
+    holder = lock_cache(cache_dir, exclusive=True)
+    writer = threading.Thread(target=manifest.record_shard, args=(info,))
+    writer.start()
+    writer.join(timeout=0.5)
+    assert writer.is_alive() and load_manifest(cache_dir).committed_indices() == set()
+    holder.release()
+    writer.join(timeout=10)
+    assert load_manifest(cache_dir).committed_indices() == {0}
+
+
+def test_create_manifest_needs_the_directorys_held_exclusive_lock(tmp_path):
+    from cache.lock import lock_cache
+
+    with lock_cache(tmp_path / "other", exclusive=True) as other:
+        with pytest.raises(CacheError, match="held exclusive lock"):
+            _create(tmp_path / "cache", lock=other)
+    with lock_cache(tmp_path / "cache", exclusive=True) as lock:
+        manifest = _create(tmp_path / "cache", lock=lock)
+        info = CacheWriter(tmp_path / "cache", k=K, vocab_size=VOCAB).write_shard(0, shard_records(0))
+        manifest.record_shard(info)  # under the held lock: no second lock, no deadlock
+    assert load_manifest(tmp_path / "cache").committed_indices() == {0}
+
+
+def _lie(cache_dir, edit) -> None:
+    """Rewrite manifest.json with `edit` applied: what a user or a buggy tool might do by hand."""
+    path = cache_dir / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _drop_shard_1(data) -> None:
+    dropped = data["shards"].pop(1)
+    data["num_sequences"] -= dropped["num_sequences"]
+    data["num_positions"] -= dropped["num_positions"]
+
+
+def test_a_complete_manifest_missing_a_planned_shard_is_refused(cache_dir):
+    build_cache(cache_dir, num_shards=3)
+    _lie(cache_dir, _drop_shard_1)  # totals adjusted, complete still true
+    with pytest.raises(CacheCorruptError, match=r"complete is true but shards lists 2 of the "
+                                                r"num_shards_planned=3 shards \(missing \[1\]\)"):
+        open_cache(cache_dir)
+    _lie(cache_dir, lambda data: data.update(complete=False))
+    assert open_cache(cache_dir, allow_incomplete=True).shard_indices() == [0, 2]  # an honest partial build
+
+
+def test_a_shard_count_that_disagrees_with_its_file_is_refused(cache_dir):
+    build_cache(cache_dir, num_shards=2)
+
+    def one_sequence_less(data):
+        data["shards"][0]["num_sequences"] -= 1
+        data["num_sequences"] -= 1
+
+    _lie(cache_dir, one_sequence_less)
+    with pytest.raises(CacheCorruptError, match=r"shard 0: shard-00000\.arrow holds 3 sequences / \d+ positions, "
+                                                r"the manifest says num_sequences=2"):
+        open_cache(cache_dir)

@@ -10,7 +10,7 @@ from cache_builders import IDENTITY, K, VOCAB, build_cache, shard_records
 
 import cache.schema
 from cache import (FORMAT_VERSION, CacheCorruptError, CacheError, CacheIncompleteError, CacheMismatchError,
-                   CacheWriter, content_key, create_manifest, open_cache)
+                   CacheReader, CacheWriter, content_key, create_manifest, load_manifest, open_cache)
 from cache.manifest import MANIFEST_NAME
 
 FEATURES = ("last", "aux")
@@ -109,26 +109,28 @@ def test_flipped_byte_is_detected(cache_dir):
 
 
 def test_a_valid_but_different_shard_file_is_detected(cache_dir):
-    """Only the checksum can tell: the swapped-in file is a well-formed shard of the same cache."""
+    """The swapped-in file is a well-formed shard of the same cache with the same counts: size or sha256 tell."""
     reader = open_cache(build_cache(cache_dir, num_shards=2))
     CacheWriter(cache_dir / "other", k=K, vocab_size=VOCAB).write_shard(0, shard_records(1))
     (cache_dir / "other" / "shard-00000.arrow").replace(cache_dir / "shard-00000.arrow")
     with pytest.raises(CacheCorruptError, match=r"shard-00000\.arrow: sha256"):
         list(reader.iter_sequences())
-    assert "sha256" in reader.verify()[0]
+    assert "shard-00000.arrow: 3538 bytes, the manifest's shard 0 says bytes" in reader.verify()[0]
 
 
-def test_verify_reports_missing_files_and_wrong_counts(cache_dir):
+def test_missing_files_and_wrong_counts_are_refused_by_open_and_reported_by_verify(cache_dir):
     build_cache(cache_dir, num_shards=2)
     (cache_dir / "shard-00000.arrow").unlink()
     data = json.loads((cache_dir / MANIFEST_NAME).read_text())
     data["shards"][1]["num_positions"] += 1
     data["num_positions"] += 1
     (cache_dir / MANIFEST_NAME).write_text(json.dumps(data))
-    problems = open_cache(cache_dir).verify()
+    with pytest.raises(CacheCorruptError, match=r"shard-00000\.arrow: cannot read .* \(and 1 more problem"):
+        open_cache(cache_dir)
+    problems = CacheReader(load_manifest(cache_dir)).verify()
     assert len(problems) == 2, problems
     assert "shard-00000.arrow" in problems[0] and "cannot read" in problems[0]
-    assert "shard 1" in problems[1] and "positions" in problems[1]
+    assert "shard 1" in problems[1] and f"num_positions={data['shards'][1]['num_positions']}" in problems[1]
 
 
 def test_verify_reports_an_incomplete_cache(cache_dir):
@@ -175,7 +177,9 @@ def test_unknown_shard_format_version_is_refused(cache_dir, monkeypatch):
                                tokenizer_sha256="a" * 64, features={}, num_shards_planned=1)
     manifest.record_shard(info)
     manifest.finalize()
-    reader = open_cache(cache_dir)
+    with pytest.raises(CacheMismatchError, match="shard format version 2"):
+        open_cache(cache_dir)
+    reader = CacheReader(load_manifest(cache_dir))
     with pytest.raises(CacheMismatchError, match="shard format version 2"):
         list(reader.iter_sequences())
     assert "version" in reader.verify()[0]
