@@ -57,6 +57,7 @@ def _row(bench: str, temperature: float, drafter: str, k: int, group: list[dict]
         "k": k,
         "num_prompts": len(group),
         "tau": stats["tau"],
+        "tau_paper": stats["tau_paper"],
         "expected_tau": stats["expected_tau"],
         "acceptance_by_position": acceptance_by_position(stats),
         "alpha_by_position": alpha_by_position(stats),
@@ -78,7 +79,8 @@ def _prompt_row(record: dict) -> dict:
         "benchmark": record["benchmark"], "index": record["index"], "id": record["id"],
         "temperature": record["temperature"], "drafter": record["drafter"],
         "prompt_tokens": record.get("prompt_tokens"), "new_tokens": stats["new_tokens"],
-        "seconds": record["seconds"], "tau": stats["tau"], "expected_tau": stats["expected_tau"],
+        "seconds": record["seconds"], "tau": stats["tau"], "tau_paper": stats.get("tau_paper"),
+        "expected_tau": stats["expected_tau"],
         "target_forwards": stats["target_forwards"], "accepted": stats["accepted"],
         "drafted": stats["drafted"],
     }
@@ -115,8 +117,9 @@ def markdown(report: dict) -> str:
     header = "| benchmark | " + " | ".join(f"{d} T={t:g}" for d, t in columns) + " |"
     rule = "|---|" + "---|" * len(columns)
     for title, cell in (
-        ("τ (tokens per target forward); expected τ from α in parentheses",
-         lambda r: f"{_fmt(r['tau'])} ({_fmt(r['expected_tau'])})"),
+        ("τ: tokens per target forward / as the paper computes it, K·accepted/drafted + 1; "
+         "expected τ from α in parentheses",
+         lambda r: f"{_fmt(r['tau'])} / {_fmt(r.get('tau_paper'))} ({_fmt(r['expected_tau'])})"),
         ("Speed-up over the target alone (tokens/s; same run, same cores)",
          lambda r: f"{_fmt(r['speedup'])}× ({_fmt(r['tokens_per_s'], 1)} vs {_fmt(r['baseline_tokens_per_s'], 1)})"),
     ):

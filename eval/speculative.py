@@ -20,6 +20,7 @@ from transformers import DynamicCache
 
 from trainer.drafters.eagle3 import decode as eagle3_drafting
 from trainer.drafters.eagle3.decode import Eagle3Cache
+from trainer.losses import expected_tau
 
 
 def speculative_generate(
@@ -79,9 +80,7 @@ def speculative_generate(
     output = tokens[prompt_len:prompt_len + max_new_tokens]
     if eos_ids.numel() and torch.isin(output, eos_ids).any():
         output = output[: int(torch.isin(output, eos_ids).nonzero()[0]) + 1]  # stop at eos, inclusive
-    stats["new_tokens"] = output.numel()
-    stats["tau"] = output.numel() / max(stats["target_forwards"], 1)
-    stats["expected_tau"] = expected_tau(stats)
+    finish_stats(stats, output.numel(), cut=tokens.numel() - prompt_len - output.numel())
     return output, stats
 
 
@@ -204,24 +203,62 @@ def new_stats(k: int) -> dict:
 
 
 def record_step(stats: dict, target_probs, draft_probs, k_step: int, n_accepted: int) -> None:
-    """Add one verification step to the counters."""
+    """Add one verification step to the counters (finish_stats may still cut the last one at an EOS)."""
+    alphas = []
+    if k_step:
+        target_probs, draft_probs = same_width(target_probs[:k_step], draft_probs)
+        alphas = torch.minimum(target_probs, draft_probs).sum(-1).tolist()  # [k_step]
     stats["target_forwards"] += 1
-    stats["drafted"] += k_step
-    stats["accepted"] += n_accepted
-    if k_step == 0:
-        return
-    target_probs, draft_probs = same_width(target_probs[:k_step], draft_probs)
-    alphas = torch.minimum(target_probs, draft_probs).sum(-1).tolist()  # [k_step]
-    for i in range(k_step):
-        stats["alpha_sum_by_position"][i] += alphas[i]
-        stats["verified_by_position"][i] += 1
-    for i in range(min(n_accepted + 1, k_step)):
-        stats["reached_by_position"][i] += 1
-        stats["accepted_by_position"][i] += int(i < n_accepted)
+    count_drafts(stats, alphas, n_accepted)
+    stats["last_step"] = {"alphas": alphas, "accepted": n_accepted}
+
+
+def count_drafts(stats: dict, alphas: list[float], n_accepted: int, sign: int = 1) -> None:
+    """Add (sign 1) or take back (sign -1) one step's drafts: len(alphas) verified, the first n_accepted accepted."""
+    stats["drafted"] += sign * len(alphas)
+    stats["accepted"] += sign * n_accepted
+    for i, alpha in enumerate(alphas):
+        stats["alpha_sum_by_position"][i] += sign * alpha
+        stats["verified_by_position"][i] += sign
+    for i in range(min(n_accepted + 1, len(alphas))):
+        stats["reached_by_position"][i] += sign
+        stats["accepted_by_position"][i] += sign * int(i < n_accepted)
+
+
+def finish_stats(stats: dict, new_tokens: int, cut: int) -> None:
+    """Close the counters of a decode that output new_tokens tokens after dropping `cut` generated past an EOS.
+
+    Only the last step can hold an EOS. When the EOS is one of its accepted drafts, the drafts after it
+    are not part of the output: the step counts as if it had drafted up to the EOS and accepted all of it.
+    """
+    last = stats.pop("last_step", None)
+    if cut and last is not None:
+        kept = last["accepted"] + 1 - cut  # the step's accepted drafts up to and including the EOS
+        if not 1 <= kept <= last["accepted"]:
+            raise RuntimeError(f"{cut} tokens cut after an EOS, but the last step added {last['accepted'] + 1}")
+        count_drafts(stats, last["alphas"], last["accepted"], sign=-1)
+        count_drafts(stats, last["alphas"][:kept], kept)
+    stats["new_tokens"] = new_tokens
+    derive_taus(stats)
+
+
+def derive_taus(stats: dict) -> None:
+    """Set tau (tokens per target forward), tau_paper and expected_tau from the counters."""
+    stats["tau"] = stats["new_tokens"] / max(stats["target_forwards"], 1)
+    stats["tau_paper"] = paper_tau(stats)
+    stats["expected_tau"] = measured_expected_tau(stats)
+
+
+def paper_tau(stats: dict) -> float:
+    """τ as the LK paper computes it, K·accepted/drafted + 1 over the run: the mean tokens per drafting step.
+
+    Forwards that verify no draft (the baseline's, EAGLE-3's first one over the prompt) do not count.
+    """
+    return stats["k"] * stats["accepted"] / stats["drafted"] + 1 if stats["drafted"] else 1.0
 
 
 def merge_stats(all_stats: list[dict]) -> dict:
-    """Sum the counters of several runs (same k) and recompute tau, acceptance and expected tau."""
+    """Sum the counters of several runs (same k) and recompute tau, tau_paper, acceptance and expected tau."""
     merged = new_stats(all_stats[0]["k"])
     merged["new_tokens"] = 0
     for stats in all_stats:
@@ -230,8 +267,7 @@ def merge_stats(all_stats: list[dict]) -> dict:
                 merged[key] = [a + b for a, b in zip(merged[key], value)]
             elif key in ("target_forwards", "drafted", "accepted", "new_tokens"):
                 merged[key] += value
-    merged["tau"] = merged["new_tokens"] / max(merged["target_forwards"], 1)
-    merged["expected_tau"] = expected_tau(merged)
+    derive_taus(merged)
     return merged
 
 
@@ -245,15 +281,11 @@ def alpha_by_position(stats: dict) -> list[float | None]:
     return [s / n if n else None for s, n in zip(stats["alpha_sum_by_position"], stats["verified_by_position"])]
 
 
-def expected_tau(stats: dict) -> float:
-    """Expected acceptance length 1 + sum_k prod_{j<=k} alpha_j from the mean alpha per position."""
-    tau, prefix = 1.0, 1.0
-    for alpha in alpha_by_position(stats):
-        if alpha is None:
-            break
-        prefix *= alpha
-        tau += prefix
-    return tau
+def measured_expected_tau(stats: dict) -> float:
+    """Expected acceptance length 1 + sum_k prod_{j<=k} alpha_j over the positions verified at least once."""
+    alphas = alpha_by_position(stats)
+    measured = alphas[:alphas.index(None)] if None in alphas else alphas
+    return expected_tau(measured)
 
 
 # --- model calls ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from eval.report import PLOTS, markdown, summarize, write_report
-from eval.speculative import expected_tau, new_stats
+from eval.speculative import derive_taus, new_stats
 
 
 def record(bench, index, drafter, temperature, *, tokens, forwards, seconds, accepted_by, reached_by,
@@ -15,15 +15,16 @@ def record(bench, index, drafter, temperature, *, tokens, forwards, seconds, acc
     stats.update(new_tokens=tokens, target_forwards=forwards, accepted=sum(accepted_by),
                  drafted=forwards * len(reached_by), accepted_by_position=accepted_by,
                  reached_by_position=reached_by, alpha_sum_by_position=alpha_sum,
-                 verified_by_position=[forwards] * len(reached_by), tau=tokens / forwards)
-    stats["expected_tau"] = expected_tau(stats)
+                 verified_by_position=[forwards] * len(reached_by))
+    derive_taus(stats)
     return {"benchmark": bench, "index": index, "id": str(index), "drafter": drafter,
             "temperature": temperature, "seconds": seconds, "output_ids": output, "stats": stats}
 
 
 def baseline(bench, index, temperature, *, tokens, seconds, output):
     stats = new_stats(0)
-    stats.update(new_tokens=tokens, target_forwards=tokens, tau=1.0, expected_tau=1.0)
+    stats.update(new_tokens=tokens, target_forwards=tokens)
+    derive_taus(stats)
     return {"benchmark": bench, "index": index, "id": str(index), "drafter": "baseline",
             "temperature": temperature, "seconds": seconds, "output_ids": output, "stats": stats}
 
@@ -51,6 +52,7 @@ def test_rows_aggregate_per_benchmark_and_overall(records):
     assert gsm8k["acceptance_by_position"] == pytest.approx([7 / 10, 3 / 7])
     assert gsm8k["alpha_by_position"] == pytest.approx([7 / 10, 4 / 10])
     assert gsm8k["expected_tau"] == pytest.approx(1 + 0.7 + 0.7 * 0.4)
+    assert gsm8k["tau_paper"] == pytest.approx(2 * (6 + 4) / (4 * 2 + 6 * 2) + 1)  # K·accepted/drafted + 1
     assert gsm8k["tokens_per_s"] == pytest.approx(20.0) and gsm8k["baseline_tokens_per_s"] == pytest.approx(10.0)
     assert gsm8k["speedup"] == pytest.approx(2.0)
     assert gsm8k["greedy_mismatches"] == 1
@@ -60,6 +62,7 @@ def test_rows_aggregate_per_benchmark_and_overall(records):
     (overall,) = report["overall"]
     assert overall["benchmark"] == "all" and overall["num_prompts"] == 3
     assert overall["tau"] == pytest.approx(28 / 18)
+    assert overall["tau_paper"] == pytest.approx(2 * 10 / (20 + 16) + 1)
     assert len(report["prompts"]) == len(records)
 
 
@@ -69,13 +72,14 @@ def test_report_files(records, tmp_path):
                         "threads_per_worker": 2}
     write_report(report, tmp_path)
     loaded = json.loads((tmp_path / "report.json").read_text())
-    required = {"drafter", "benchmark", "temperature", "k", "tau", "expected_tau", "acceptance_by_position",
+    required = {"drafter", "benchmark", "temperature", "k", "tau", "tau_paper", "expected_tau", "acceptance_by_position",
                 "tokens_per_s", "baseline_tokens_per_s", "speedup", "num_prompts"}
     assert all(required <= set(row) for row in loaded["results"])
     for name in PLOTS:
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "report.md").read_text()
-    assert "| gsm8k (n=2) | 2.00 (1.98) |" in text
+    assert "| gsm8k (n=2) | 2.00 / 2.00 (1.98) |" in text
+    assert "| mt-bench (n=1) | 1.00 / 1.00 (1.00) |" in text
     assert "| mt-bench (n=1) | 0.50× (2.0 vs 4.0) |" in text
     assert "| lk | 0 | 0.39 | 0.43 |" in text
     assert "lk: 1 prompt(s) differ from target greedy" in text
