@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from eval.report import BASELINE
 from pipeline.ray_session import ray_session
+from trainer.precision import DTYPE_CHOICES, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one: a tokenizer ships
+BENCH_DEVICE = "cpu"  # where BenchWorker actors decode
 
 
 class BenchConfigError(ValueError):
@@ -39,7 +41,7 @@ class BenchConfig:
     workers: int = 1
     threads_per_worker: int | None = None  # default: the cluster's CPUs / workers
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "auto"  # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
     out: Path = Path("bench-report")
     address: str | None = None  # existing Ray cluster (or $RAY_ADDRESS); else a private local one
     progress: bool = True
@@ -63,8 +65,8 @@ class BenchConfig:
             raise BenchConfigError(f"workers must be >= 1, got {self.workers}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise BenchConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise BenchConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise BenchConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.drafters:
             raise BenchConfigError("drafter: give at least one drafter (run directory or HF directory)")
         if not self.benchmarks:
@@ -133,6 +135,7 @@ def run_bench(config: BenchConfig) -> Path:
     from pipeline.models import ModelNotFoundError, resolve_model
 
     config.validate()
+    config = replace(config, dtype=resolve_dtype(config.dtype, BENCH_DEVICE))  # the report records fp32 or bf16
     try:
         target = resolve_model(config.target)
     except ModelNotFoundError as exc:

@@ -23,11 +23,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.ray_session import ray_session  # noqa: E402
 from pipeline.target_worker import BuildError, Sample, ShardTask, WorkerSpec, aux_layers  # noqa: E402
+from trainer.precision import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 
 STATS_NAME = "stats.json"
 MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.chat's loss-mask rules
 FEATURE_NAMES = ("last", "aux")
-DTYPES = ("bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 ACTOR_PREFIX = "lkspec-target"
 ACTOR_NAMESPACE = "lkspec"
@@ -49,7 +49,7 @@ class BuildConfig:
     limit: int | None = None  # number of sequences kept (after skipping invalid rows), in dataset order
     max_length: int = 1024
     workers: int = 2
-    dtype: str = "bf16"
+    dtype: str = "auto"  # auto: bf16 where the workers' device computes it natively, else fp32 (resolve_build_dtype)
     device: str = "auto"  # auto: cuda when the Ray cluster has GPUs (one per worker), else cpu
     features: tuple[str, ...] = ()
     regenerate: bool = False
@@ -75,7 +75,7 @@ class BuildConfig:
             ("limit", self.limit is None or _int_at_least(self.limit, 1), "an integer >= 1"),
             ("max_length", _int_at_least(self.max_length, 2), "an integer >= 2"),
             ("workers", _int_at_least(self.workers, 1), "an integer >= 1"),
-            ("dtype", self.dtype in DTYPES, f"one of {', '.join(DTYPES)}"),
+            ("dtype", self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
             ("features", all(f in FEATURE_NAMES for f in self.features), "none, last, aux or last,aux"),
             ("max_new_tokens", _int_at_least(self.max_new_tokens, 1), "an integer >= 1"),
@@ -106,6 +106,16 @@ def _local_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def resolve_build_dtype(config: BuildConfig) -> str:
+    """The target's dtype (fp32 or bf16) for the workers' device, resolved before the cache key is computed.
+
+    Device auto is judged on this machine (cuda when torch sees a GPU here); a remote cluster's GPUs
+    are not visible here, so `--device cuda --dtype auto` without a local GPU resolves to fp32.
+    """
+    device = config.device if config.device != "auto" else ("cuda" if _local_cuda() else "cpu")
+    return resolve_dtype(config.dtype, device)
 
 
 def _int_at_least(value: object, minimum: int) -> bool:
@@ -160,6 +170,7 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     log = log or _stderr
     started = time.perf_counter()
     config.validate()
+    config = replace(config, dtype=resolve_build_dtype(config))  # the key, manifest and stats get fp32 or bf16
     target = _load_target(config)
     dataset = open_dataset(config.data)
     identity = cache_identity(config, target, dataset.identity)
@@ -208,7 +219,7 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     plan.skipped.update(run.skipped)
     stats = _stats(config, manifest, plan, len(shards) - len(pending), run, time.perf_counter() - started)
     _write_json(cache_dir / STATS_NAME, stats)
-    log(f"built cache {key}: {stats['sequences']} sequences, {stats['positions']} positions, "
+    log(f"built cache {key} ({config.dtype} target): {stats['sequences']} sequences, {stats['positions']} positions, "
         f"{stats['bytes']['total'] / 2**20:.1f} MiB, {stats['wall_seconds']:.1f} s")
     return BuildOutcome(cache_dir, key, False, stats)
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import CliError
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 
 def _csv(value: str) -> list[str]:
@@ -46,7 +47,9 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=1, help="Ray actors, each holding all models")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: cluster CPUs / workers)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                        help=f"precision of the target and drafters (default {AUTO_HELP}); the report "
+                             "records the resolved one")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (T > 0)")
     parser.add_argument("--out", type=Path, default=Path("bench-report"), help="report directory")
     parser.add_argument("--address", default=None,

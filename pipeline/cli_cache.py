@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.cli import CliError
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a dead writer
 
@@ -52,7 +53,10 @@ def register(subparsers) -> None:
     build.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
     build.add_argument("--workers", type=int, default=2, help="TargetWorker actors")
     build.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
-    build.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="target weights dtype")
+    build.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help=f"target precision; {AUTO_HELP}, judged for --device (with --device cuda on a "
+                            "cluster whose GPUs this machine cannot see, auto is fp32: pass bf16). The resolved "
+                            "dtype enters the cache key")
     build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where the target runs: cuda gives each worker one GPU; auto picks cuda when the "
                             "Ray cluster has GPUs")

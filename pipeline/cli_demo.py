@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.cli import CliError
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 DEFAULT_PROFILE = "smollm2"
 
@@ -61,7 +62,9 @@ def register(subparsers) -> None:
     parser.add_argument("--draft-k", type=int, help=f"draft tokens per target forward (default: {default('draft_k')})")
     parser.add_argument("--max-new-tokens", type=int,
                         help=f"tokens generated per prompt (default: {default('max_new_tokens')})")
-    parser.add_argument("--bench-dtype", choices=("fp32", "bf16"),
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES,
+                        help=f"cache and training precision (default: {default('dtype')}; {AUTO_HELP})")
+    parser.add_argument("--bench-dtype", choices=DTYPE_CHOICES,
                         help=f"benchmark precision (default: {default('bench_dtype')})")
     parser.add_argument("--workers", type=int, help=f"Ray workers per stage (default: {default('workers')})")
     parser.add_argument("--seed", type=int, help="seed (default: 0)")
@@ -78,7 +81,7 @@ def demo_config(args: argparse.Namespace):
 
     given = {name: getattr(args, name) for name in (
         "out", "target", "data", "conversations", "max_length", "k", "drafter", "steps", "batch_tokens", "lr",
-        "bench_limit", "draft_k", "max_new_tokens", "bench_dtype", "workers", "seed", "address",
+        "bench_limit", "draft_k", "max_new_tokens", "dtype", "bench_dtype", "workers", "seed", "address",
     ) if getattr(args, name) is not None}
     for flag in ("conversations", "max_length", "k", "steps", "batch_tokens", "bench_limit", "draft_k",
                  "max_new_tokens", "workers"):

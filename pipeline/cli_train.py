@@ -5,6 +5,7 @@ import argparse
 import json
 
 from pipeline.cli import CliError
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 EXAMPLE = (
     "examples: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
@@ -73,8 +74,8 @@ def register(subparsers) -> None:
     optim.add_argument("--eta", type=float, default=3.0,
                        help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: 3)")
     optim.add_argument("--seed", type=int, default=0, help="initialization and data order seed (default: 0)")
-    optim.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                       help="training precision (default auto: bf16 on GPU, fp32 on CPU)")
+    optim.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help=f"training precision (default {AUTO_HELP})")
 
     cluster = parser.add_argument_group("cluster")
     cluster.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")

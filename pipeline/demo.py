@@ -31,7 +31,8 @@ class DemoConfig:
     temperatures: tuple[float, ...] = (0.0, 1.0)
     draft_k: int = 4
     max_new_tokens: int = 32
-    bench_dtype: str = "fp32"
+    dtype: str = "auto"  # cache and training: auto is bf16 only where the device computes it natively
+    bench_dtype: str = "auto"
     workers: int = 2
     seed: int = 0
     address: str | None = None
@@ -51,14 +52,15 @@ def run_demo(config: DemoConfig) -> Path:
     build_config = BuildConfig(
         target=config.target, data=config.data, out=out / "caches", k=config.k,
         limit=config.conversations, max_length=config.max_length, workers=config.workers,
-        dtype="bf16", address=config.address, progress=config.progress, seed=config.seed,
+        dtype=config.dtype, address=config.address, progress=config.progress, seed=config.seed,
         skip_invalid=True,  # ShareGPT has a few empty turns: skip and count them
         shard_size=16,  # small shards: steady progress and even load over the workers
     )
     train_base = TrainConfig(
         cache="", out=str(out / "runs"), drafter=drafter,
         init_embeddings_from=None if pretrained else "target",  # a pretrained drafter keeps its own
-        steps=config.steps, workers=config.workers, zero=2, batch_tokens=config.batch_tokens, lr=config.lr,
+        steps=config.steps, workers=config.workers, zero=2, dtype=config.dtype, batch_tokens=config.batch_tokens,
+        lr=config.lr,
         warmup=min(100, config.steps // 10), eval_every=max(1, config.steps // 3),
         checkpoint_every=config.steps, seed=config.seed, resume=True,
     )

@@ -162,10 +162,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def load_model(path: Path | str, *, dtype: str = "fp32", device: str = "cpu"):
-    """Load a causal LM from a local HF directory (never trust_remote_code) in eval mode."""
-    import torch
+    """Load a causal LM from a local HF directory (never trust_remote_code) in eval mode; dtype fp32 or bf16."""
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    from trainer.precision import torch_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=False)
     return model.to(device).eval()

@@ -353,6 +353,7 @@ def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> None:
         drafter=_drafter_summary(plan.drafter), target_source=config.target_source, tail=config.tail,
         total_steps=plan.total_steps,
         config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
+        dtype=config.resolved_dtype("cuda" if use_gpu else "cpu", warn=True),  # the workers record theirs too
         heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
                  "num_train": plan.num_train_sequences, "eval_sequences": len(plan.eval_ids)},
         error=None,

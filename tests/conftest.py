@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--dtype auto` resolves as on an AVX2-only CPU (fp32): the suite takes CI's path on every machine and
+# never times emulated bf16. Ray workers started by the tests inherit it. tests/trainer/test_precision.py
+# sets other kinds explicitly.
+os.environ.setdefault("LKSPEC_ASSUME_CPU", "avx2")
 
 
 @pytest.fixture(scope="session")

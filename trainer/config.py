@@ -13,8 +13,8 @@ from typing import Any
 from trainer.drafters import DrafterError
 from trainer.drafters.eagle3.train import is_eagle3, parse_eagle3
 from trainer.losses import LOSS_NAMES, TAIL_MODES
+from trainer.precision import DTYPE_CHOICES, resolve_dtype
 
-DTYPES = ("auto", "fp32", "bf16")
 TARGET_SOURCES = ("cache", "online")
 ZERO_STAGES = (1, 2, 3)
 # Keys that may change between a run and its --resume (they do not change what is computed).
@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: float | None = None  # passes over each worker's training share
     workers: int = 2
     zero: int = 2
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    dtype: str = "auto"  # auto = bf16 where the workers' device computes it natively, else fp32
     lr: float = 4e-4
     warmup: int = 100
     weight_decay: float = 0.0
@@ -92,7 +92,7 @@ class TrainConfig:
         """Raise ConfigError naming the flag of the first invalid value."""
         _choice("loss", self.loss, LOSS_NAMES)
         _choice("tail", self.tail, TAIL_MODES)
-        _choice("dtype", self.dtype, DTYPES)
+        _choice("dtype", self.dtype, DTYPE_CHOICES)
         _choice("target_source", self.target_source, TARGET_SOURCES)
         _choice("zero", self.zero, ZERO_STAGES)
         for key in ("cache", "out", "drafter"):
@@ -142,11 +142,9 @@ class TrainConfig:
         if self.stop_after is not None:
             _int("stop_after", self.stop_after, minimum=1)
 
-    def resolved_dtype(self, cuda: bool) -> str:
-        """fp32 or bf16: `auto` is bf16 on GPU, fp32 on CPU."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "bf16" if cuda else "fp32"
+    def resolved_dtype(self, device, *, warn: bool = False) -> str:
+        """fp32 or bf16 on `device` (trainer.precision.resolve_dtype: auto is bf16 only where native)."""
+        return resolve_dtype(self.dtype, device, warn=warn)
 
 
 def _choice(key: str, value: Any, choices) -> None:

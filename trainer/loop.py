@@ -31,9 +31,9 @@ from trainer.data import Batch, BatchStream, DataPosition, LoaderSpec, eval_batc
 from trainer.drafters import DraftStep, DrafterSpec, build_drafter
 from trainer.heldout import QUANTITIES, HeldoutSums, acceptance_summary, write_heldout
 from trainer.losses import DenseTarget, SparseTarget, combine_steps, compute_loss, expected_tau, kl_alpha
+from trainer.precision import torch_dtype
 from trainer.rundir import MetricsLogger, read_run, update_run
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Max |Δlogit| between the trained module and its reloaded export (every draft step), relative to max(1, max |logit|):
 # a few rounding units of the training precision (a wrong export is off by the logits' own size).
 EXPORT_TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2}
@@ -88,7 +88,7 @@ class TargetSource:
             from transformers import AutoModelForCausalLM
 
             self.model = AutoModelForCausalLM.from_pretrained(
-                target_path, dtype=TORCH_DTYPES[dtype], trust_remote_code=False).to(device).eval()
+                target_path, dtype=torch_dtype(dtype), trust_remote_code=False).to(device).eval()
             self.model.requires_grad_(False)
 
     @torch.no_grad()
@@ -198,7 +198,7 @@ def check_export(engine, model_dir: Path, plan: RunPlan, feature_dims: dict[str,
     engine.train()
     result: dict[str, Any] = {}
     if dist.get_rank() == 0:
-        reloaded = engine.module.reload(model_dir, TORCH_DTYPES[dtype]).to(device)
+        reloaded = engine.module.reload(model_dir, torch_dtype(dtype)).to(device)
         with torch.no_grad():
             logits = [s.logits.float().cpu() for s in reloaded(probe.to(device).model_inputs())]
         if [x.shape for x in logits] != [x.shape for x in trained]:
@@ -254,7 +254,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         raise RuntimeError(f"process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
                            f"expected {rank} of {world_size}")
 
-    dtype = config.resolved_dtype(torch.cuda.is_available())
+    dtype = config.resolved_dtype("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     reader = open_cache(plan.cache_path)
     drafter = build_drafter(DrafterSpec.from_dict(plan.drafter))

@@ -23,6 +23,8 @@ NATIVE_BF16_CPUS = ("AVX512_BF16", "AMX")  # cpu_capability() values that comput
 EMULATED_BF16_COST = ("about 36x slower than fp32 (a [256x576]x[576x1536] matmul: 358 ms in bf16 vs 9.9 ms "
                       "in fp32 on a 2-core AVX2 EPYC)")
 ALLOW_EMULATED_FLAG = "--allow-emulated-bf16"
+AUTO_HELP = ("auto: bf16 where the device computes it natively (CUDA with bf16, a CPU with AVX-512 BF16 or AMX), "
+             "else fp32")
 
 
 class PrecisionError(ValueError):
@@ -138,6 +140,6 @@ def precision_line(record: dict) -> str:
 def add_precision_arguments(parser, default: str = "auto") -> None:
     """--dtype (auto, fp32, bf16) and --allow-emulated-bf16 on a benchmark script's argument parser."""
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=default,
-                        help=f"precision (default {default}: bf16 only where the device computes it natively)")
+                        help=f"precision (default {default}; {AUTO_HELP})")
     parser.add_argument(ALLOW_EMULATED_FLAG, action="store_true",
                         help="time bf16 even on a CPU that emulates it (refused by default)")

@@ -184,7 +184,9 @@ def test_the_qwen_profile_sets_the_pair_and_flags_still_win():
     assert default == DemoConfig()  # the smollm2 profile is DemoConfig's own defaults
     qwen = demo_config(parse_with_config(parser, ["demo", "--profile", "qwen-coder", "--steps", "3"]))
     assert (qwen.target, qwen.drafter, qwen.workers, qwen.steps) == ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", 1, 3)
-    assert qwen.losses == ("kl", "lk_lambda") and qwen.bench_dtype == "bf16"
+    assert qwen.losses == ("kl", "lk_lambda") and (qwen.dtype, qwen.bench_dtype) == ("auto", "auto")
+    forced = demo_config(parse_with_config(parser, ["demo", "--dtype", "fp32", "--bench-dtype", "bf16"]))
+    assert (forced.dtype, forced.bench_dtype) == ("fp32", "bf16")
 
 
 def test_a_model_drafter_is_fine_tuned_and_benched_untuned(tmp_path, monkeypatch):
