@@ -27,8 +27,9 @@ import torch  # noqa: E402
 
 from eval.prompts import load_prompts  # noqa: E402
 from eval.speculative import speculative_generate  # noqa: E402
-from trainer.drafters.eagle3.decode import is_eagle3  # noqa: E402
-from pipeline.bench_job import encode_chat, load_drafter  # noqa: E402
+from eval import load_drafter  # noqa: E402
+from trainer.drafters import family_of_model  # noqa: E402
+from pipeline.bench_job import encode_chat  # noqa: E402
 from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
 
 
@@ -142,7 +143,8 @@ def main() -> None:
     else:
         drafter_path = target_path if args.drafter == "self" else Path(args.drafter)
     target = load_model(target_path, dtype=args.dtype)
-    drafter = load_drafter(drafter_path, dtype=args.dtype)
+    drafter = load_drafter(drafter_path, target)
+    drafter_kind = family_of_model(drafter).name
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(target_path)
@@ -153,7 +155,7 @@ def main() -> None:
         "ours target alone": (ours, None), "ours speculative": (ours, drafter),
         "hf target alone": (theirs, None), "hf assisted": (theirs, drafter),
     }
-    if is_eagle3(drafter):  # transformers has no EAGLE-3 assisted generation
+    if drafter_kind != "independent":  # transformers' assisted generation takes causal LMs only
         runs = {name: run for name, run in runs.items() if name.startswith("ours")}
     for fn, d in runs.values():  # warm-up
         fn(target, d, prompts[0][:8], args.k, 4, eos)
@@ -203,7 +205,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k,
-        "drafter_kind": "eagle3" if is_eagle3(drafter) else "independent",
+        "drafter_kind": drafter_kind,
         "temperature": 0.0, "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows,

@@ -1,1 +1,4 @@
-"""lkspec eval package."""
+"""lkspec eval package: the speculative decoder, its statistics and reports."""
+from eval.drafters import load_drafter
+
+__all__ = ["load_drafter"]

@@ -4,22 +4,24 @@ One target forward verifies K drafted tokens. At T = 0 a draft is accepted when 
 target's argmax; at T > 0 by rejection sampling (accept with min(1, p/q), otherwise resample from
 the normalized max(0, p - q), and a bonus token from the target when all K are accepted). The output
 is distributed exactly as the target's own sampling (identical to greedy decoding at T = 0).
-Both models keep a KV cache that is cropped back to the accepted prefix after every step. An
-EAGLE-3 drafter (eval/eagle3_drafting.py) also reads the target's hidden states, which the
-verification forward returns for the positions it commits. Every tensor lives on the target's
-device (the drafter must share it); random draws come from `generator` on its own device.
+The target keeps a KV cache that is cropped back to the accepted prefix after every step. What a
+drafter does is its family's (trainer.drafters: new_cache, draft, commit): an independent causal
+LM keeps its own KV cache; EAGLE-3, MEDUSA and the MLP speculator also read the target's hidden
+states, which the verification forward returns for the positions it commits, so they draft nothing
+before the target has read the prompt. Every tensor lives on the target's device (the drafter must
+share it); random draws come from `generator` on its own device.
 """
 from __future__ import annotations
 
 import functools
-import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from trainer.drafters.eagle3 import decode as eagle3_drafting
-from trainer.drafters.eagle3.decode import Eagle3Cache
+from trainer.drafters import family_of_model
+from trainer.drafters.causal_lm import cache_length, forward, rollback
 from trainer.losses import expected_tau
 
 
@@ -50,7 +52,7 @@ def speculative_generate(
     if prompt_len == 0:
         raise ValueError("input_ids must hold at least one token")
     target_cache = DynamicCache(config=target.config)
-    draft_cache, aux_layers = new_draft_cache(target, drafter)
+    draft_cache, layers = new_draft_cache(target, drafter)
     vocab = target.get_input_embeddings().num_embeddings  # drafts must be ids the target can read
     stats = new_stats(k)
 
@@ -59,17 +61,17 @@ def speculative_generate(
             # Never draft past max_new_tokens: a step yields at most k_step + 1 tokens.
             k_step = min(k, max_new_tokens - (tokens.numel() - prompt_len) - 1)
             drafts, draft_probs = draft(drafter, draft_cache, tokens, k_step, temperature, generator, vocab)
-            n_drafts = drafts.numel()  # < k_step only for EAGLE-3 before the target has read the prompt
+            n_drafts = drafts.numel()  # < k_step before the target has read the prompt, or past a drafter's K
 
             # One target forward scores the last committed token and every draft: [n_drafts + 1, V].
             rollback(target_cache, tokens.numel() - 1)
             verify_ids = torch.cat([tokens[cache_length(target_cache):], drafts])
-            target_logits, features = forward(target, verify_ids, target_cache, n_drafts + 1, aux_layers)
+            target_logits, features = forward(target, verify_ids, target_cache, n_drafts + 1, layers)
             target_probs = to_probs(target_logits, temperature)
 
             n_accepted, next_token = accept(target_probs, draft_probs, drafts, generator)
-            if features is not None:  # EAGLE-3 reads the target states of the committed positions
-                eagle3_drafting.add_features(draft_cache, features[:verify_ids.numel() - n_drafts + n_accepted])
+            if features is not None:  # the drafter reads the target states of the committed positions
+                family_of_model(drafter).commit(draft_cache, features[:verify_ids.numel() - n_drafts + n_accepted])
             new_tokens = torch.cat([drafts[:n_accepted], next_token])
             tokens = torch.cat([tokens, new_tokens])
             record_step(stats, target_probs, draft_probs, n_drafts, n_accepted)
@@ -84,20 +86,19 @@ def speculative_generate(
     return output, stats
 
 
-# --- the drafter: everything a drafter does lives in new_draft_cache(), draft() and rollback() ---
+# --- the drafter: its family's hooks (trainer.drafters.base.Family) -------------------------------
 
-def new_draft_cache(target, drafter) -> tuple[DynamicCache | Eagle3Cache | None, tuple[int, ...]]:
-    """The drafter's empty cache and the target hidden_states indices it reads (none for independent drafters)."""
+def new_draft_cache(target, drafter) -> tuple[Any, tuple[int, ...]]:
+    """The drafter's empty decoding state and the target hidden_states indices it reads (checked against the target)."""
     if drafter is None:
         return None, ()
-    if eagle3_drafting.is_eagle3(drafter):
-        eagle3_drafting.check_target(target.config, drafter.config)
-        return Eagle3Cache(), tuple(drafter.config.aux_layers)
-    return DynamicCache(config=drafter.config), ()
+    family = family_of_model(drafter)
+    family.check_target(drafter.config, target.config)
+    return family.new_cache(drafter), family.target_layers(drafter)
 
 
 def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, generator, vocab: int):
-    """Draft k tokens after `tokens` (chain drafting); returns drafts [k] and their distributions [k, V].
+    """Draft up to k tokens after `tokens` (chain drafting); returns drafts [n] and their distributions [n, V].
 
     The drafter proposes from its distribution over the first `vocab` ids (the target's vocabulary);
     any proposal distribution keeps the output exact.
@@ -105,29 +106,13 @@ def draft(drafter, cache, tokens: torch.Tensor, k: int, temperature: float, gene
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=tokens.device), None
     propose = functools.partial(propose_token, temperature=temperature, generator=generator)
-    if isinstance(cache, Eagle3Cache):
-        return eagle3_drafting.draft(drafter, cache, tokens, k, propose, vocab)
-    rollback(cache, tokens.numel() - 1)
-    inputs = tokens[cache_length(cache):]  # what the drafter has not seen yet (>= 1 token)
-    drafts, draft_probs = [], []
-    for _ in range(k):
-        inputs, q = propose(forward(drafter, inputs, cache, 1)[0][:, :vocab])  # [1], [1, V]
-        drafts.append(inputs)
-        draft_probs.append(q)
-    return torch.cat(drafts), torch.cat(draft_probs)
+    return family_of_model(drafter).draft(drafter, cache, tokens, k, propose, vocab)
 
 
 def propose_token(logits: torch.Tensor, *, temperature: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample a draft token from logits [1, V]: (token [1], the proposal distribution q [1, V])."""
     q = to_probs(logits, temperature)
     return sample(q, generator), q
-
-
-def rollback(cache, length: int) -> None:
-    """Crop a KV cache to its first `length` positions (no-op when it is already that short)."""
-    excess = cache_length(cache) - length
-    if excess > 0:
-        cache.crop(-excess)
 
 
 # --- the maths ----------------------------------------------------------------------------------
@@ -286,26 +271,3 @@ def measured_expected_tau(stats: dict) -> float:
     alphas = alpha_by_position(stats)
     measured = alphas[:alphas.index(None)] if None in alphas else alphas
     return expected_tau(measured)
-
-
-# --- model calls ------------------------------------------------------------------------------
-
-def forward(model, input_ids: torch.Tensor, cache, keep: int, aux_layers: tuple[int, ...] = ()):
-    """Run model on new tokens [n] with its KV cache: (logits of the last `keep` positions [keep, V],
-    the hidden_states in `aux_layers` concatenated for all n positions [n, len·d], None without aux_layers)."""
-    kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True, "logits_to_keep": keep}
-    outputs = model(input_ids.view(1, -1), output_hidden_states=bool(aux_layers), **kwargs)
-    features = eagle3_drafting.target_features(outputs.hidden_states, aux_layers) if aux_layers else None
-    return outputs.logits[0, -keep:], features
-
-
-def cache_length(cache) -> int:
-    """Number of positions held in a KV cache."""
-    return cache.get_seq_length()
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(model_class) -> str:
-    """transformers >= 5.x names the KV-cache argument `cache`, earlier versions `past_key_values`."""
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"

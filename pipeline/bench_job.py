@@ -2,8 +2,9 @@
 
 Each actor holds the target and every drafter, pins its torch threads, and decodes one prompt at a
 time: the target alone (the baseline) and then each drafter, at each temperature, timed back to
-back on the same cores. A drafter is an independent causal LM or an EAGLE-3 export (which reads the
-target's hidden states; checked against the target's hidden size, vocabulary and depth first). The
+back on the same cores. A drafter is a run directory or an export of any family (trainer.drafters:
+an independent causal LM, EAGLE-3, MEDUSA, an MLP speculator), loaded by eval.load_drafter; the
+families that read the target's hidden states are checked against the target's shape first. The
 driver merges the per-prompt results into report.json / report.md / plots (see eval/report.py) and
 a per-prompt outputs.jsonl.
 """
@@ -86,7 +87,7 @@ class Drafter:
     name: str
     path: Path
     run: dict | None = None
-    kind: str = "independent"  # or "eagle3" (an EAGLE-3 export: reads the target's hidden states)
+    kind: str = "independent"  # its family (trainer.drafters): independent, eagle3, medusa or mlp
 
 
 def resolve_drafter(spec: str) -> Drafter:
@@ -111,21 +112,9 @@ def resolve_drafter(spec: str) -> Drafter:
 
 
 def _drafter_kind(model_dir: Path) -> str:
-    from trainer.drafters.eagle3.export import is_eagle3_dir
+    from trainer.drafters import family_of_dir
 
-    return "eagle3" if is_eagle3_dir(model_dir) else "independent"
-
-
-def load_drafter(path: Path | str, *, dtype: str = "fp32"):
-    """Load a drafter directory: an EAGLE-3 export as an Eagle3Model, anything else as a causal LM."""
-    import torch
-
-    from pipeline.models import load_model
-    from trainer.drafters.eagle3.export import is_eagle3_dir, load_eagle3
-
-    if is_eagle3_dir(path):
-        return load_eagle3(path).to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    return load_model(path, dtype=dtype)
+    return family_of_dir(model_dir).name
 
 
 def run_bench(config: BenchConfig) -> Path:
@@ -142,7 +131,7 @@ def run_bench(config: BenchConfig) -> Path:
         raise BenchConfigError(str(exc)) from exc
     drafters = _unique_names([resolve_drafter(spec) for spec in config.drafters])
     tokenizer = _check_tokenizers(target.path, drafters)
-    _check_eagle3_targets(target.path, drafters)
+    _check_drafter_targets(target.path, drafters)
     try:
         items = _prompt_items(config, tokenizer)
     except PromptSetError as exc:
@@ -188,15 +177,16 @@ def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
 def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
     """The target's tokenizer, after checking that every drafter's tokenizer is the same.
 
-    An EAGLE-3 export need not ship tokenizer files (vLLM and SGLang use the target's); when it has
-    none, its vocabulary size is checked against the target's instead (`_check_eagle3_targets`).
+    An EAGLE-3, MEDUSA or MLP speculator export need not ship tokenizer files (vLLM and SGLang use the
+    target's); when it has none, its vocabulary size is checked against the target's instead
+    (`_check_drafter_targets`).
     """
     from pipeline.models import tokenizer_fingerprint
 
     target_tokenizer = _load_tokenizer(target_path, "target")
     target_sha = tokenizer_fingerprint(target_tokenizer)
     for drafter in drafters:
-        if drafter.kind == "eagle3" and not any((drafter.path / name).is_file() for name in TOKENIZER_FILES):
+        if drafter.kind != "independent" and not any((drafter.path / name).is_file() for name in TOKENIZER_FILES):
             continue
         drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}"))
         if drafter_sha != target_sha:
@@ -207,21 +197,22 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
     return target_tokenizer
 
 
-def _check_eagle3_targets(target_path: Path, drafters: list[Drafter]) -> None:
-    """Refuse an EAGLE-3 drafter whose target hidden size, vocabulary or aux layers do not fit the target."""
+def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
+    """Refuse a drafter whose target hidden size, vocabulary or layers do not fit the target (from its config)."""
     from transformers import AutoConfig
 
-    from trainer.drafters.eagle3.decode import Eagle3MismatchError, check_target
-    from trainer.drafters.eagle3.export import Eagle3FormatError, read_config
+    from trainer.drafters import DrafterMismatchError, family
+    from trainer.drafters.base import ExportFormatError
 
-    eagle3 = [d for d in drafters if d.kind == "eagle3"]
-    if not eagle3:
+    readers = [d for d in drafters if d.kind != "independent"]
+    if not readers:
         return
     target_config = AutoConfig.from_pretrained(target_path)
-    for drafter in eagle3:
+    for drafter in readers:
+        kind = family(drafter.kind)
         try:
-            check_target(target_config, read_config(drafter.path))
-        except (Eagle3MismatchError, Eagle3FormatError) as exc:
+            kind.check_target(kind.read_config(drafter.path), target_config)
+        except (DrafterMismatchError, ExportFormatError) as exc:
             raise BenchConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
 
 
@@ -301,11 +292,12 @@ class BenchWorker:
                  k: int, temperatures: list[float], max_new_tokens: int, seed: int):
         import torch
 
+        from eval import load_drafter
         from pipeline.models import load_model
 
         torch.set_num_threads(threads)
         self.target = load_model(target_path, dtype=dtype)
-        self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, dtype=dtype)) for name, path in drafters]
+        self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
         self._decode([1, 2, 3], BASELINE, None, 0.0, max_new_tokens=4)  # warm-up before timing

@@ -11,7 +11,8 @@ EXAMPLE = (
     "examples: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
     "--loss kl,lk_lambda --out runs --steps 2000 --workers 2 --zero 2; "
     "lkspec train --cache <an aux cache> --drafter eagle3:draft_vocab=8192,steps=6 "
-    "--loss kl,lk_lambda --out runs"
+    "--loss kl,lk_lambda --out runs; "
+    "lkspec train --cache <a `--features last` cache> --drafter medusa:heads=6 --loss kl,lk_lambda --out runs"
 )
 
 
@@ -33,21 +34,24 @@ def register(subparsers) -> None:
     data.add_argument("--cache", required=True, metavar="DIR", help="cache directory (from `lkspec cache build`)")
     data.add_argument("--drafter", default="tiny", metavar="SPEC",
                       help="architecture preset (tiny: 2 layers, hidden 256; small: 4 layers, hidden 512), "
-                      "a Hugging Face model directory sharing the target's tokenizer, or "
+                      "a Hugging Face model directory sharing the target's tokenizer, "
                       "eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys hidden, heads, "
-                      "kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta) "
-                      "(default: tiny)")
+                      "kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta), "
+                      "medusa[:heads=6,layers=1,draft_vocab=N] (MEDUSA-1 heads over the cache's last feature) or "
+                      "mlp[:stages=6,inner=D,tie=false,scale_input=false] (an MLP speculator over the cache's "
+                      "last feature) (default: tiny)")
     data.add_argument("--drafter-config", default="", metavar="K=V,...",
                       help="override preset fields: layers, hidden, heads, kv_heads, intermediate, "
                       "max_positions, rope_theta, tie_embeddings (e.g. layers=4,hidden=384,heads=6); "
-                      "not for eagle3, whose options follow `eagle3:`")
+                      "not for eagle3, medusa or mlp, whose options follow `NAME:`")
     data.add_argument("--init-embeddings-from", choices=["target"], default=None,
                       help="copy the target's token embeddings into the drafter (its width becomes the target's)")
     data.add_argument("--loss", default="kl", metavar="LOSS[,LOSS...]",
                       help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
     data.add_argument("--out", required=True, metavar="RUNS", help="runs directory")
     data.add_argument("--run-name", default=None,
-                      help="run directory name (default [eagle3-]<loss>-<cache key[:8]>-s<seed>; a sweep appends -<loss>)")
+                      help="run directory name (default [<family>-]<loss>-<cache key[:8]>-s<seed>, the family prefix "
+                      "for eagle3, medusa and mlp; a sweep appends -<loss>)")
     data.add_argument("--target-source", choices=["cache", "online"], default="cache",
                       help="cache: the cached top-k (default); online: the target model runs in each worker "
                       "and supplies its full distribution (the baseline the top-k cache is judged against)")
@@ -71,8 +75,9 @@ def register(subparsers) -> None:
     optim.add_argument("--grad-clip", type=float, default=0.5, help="gradient clipping norm (default: 0.5)")
     optim.add_argument("--batch-tokens", type=int, default=8192,
                        help="tokens per worker and step, padding included (default: 8192)")
-    optim.add_argument("--eta", type=float, default=3.0,
-                       help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: 3)")
+    optim.add_argument("--eta", type=float, default=None,
+                       help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: the drafter family's, "
+                       "10 for medusa as in the paper, 3 for the others)")
     optim.add_argument("--seed", type=int, default=0, help="initialization and data order seed (default: 0)")
     optim.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                        help=f"training precision (default {AUTO_HELP})")

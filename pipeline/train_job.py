@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
-from trainer.drafters.eagle3.train import is_eagle3
+from trainer.drafters import Family, SpecContext, family_for
 from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
 
 
@@ -48,17 +48,14 @@ def sweep_configs(base: TrainConfig, losses: list[str]) -> list[TrainConfig]:
 
 
 def default_run_name(config: TrainConfig, cache_key: str) -> str:
-    """[eagle3-]<loss>-<first 8 digits of the cache key>-s<seed> (EAGLE-3 runs never collide with independent ones)."""
-    kind = "eagle3-" if is_eagle3(config.drafter) else ""
-    return f"{kind}{config.loss}-{cache_key[:8]}-s{config.seed}"
+    """[<family>-]<loss>-<first 8 digits of the cache key>-s<seed> (runs of different families never collide)."""
+    return f"{family_for(config.drafter).run_prefix()}{config.loss}-{cache_key[:8]}-s{config.seed}"
 
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate one run against its cache, drafter and target and resolve everything workers need."""
     from cache import CacheMismatchError, open_cache
     from pipeline.models import EMBEDDED_MODELS, resolve_model, tokenizer_fingerprint
-    from trainer.drafters import resolve_drafter_spec
-    from trainer.drafters.eagle3.train import is_eagle3
 
     config.validate()
     cache_path = Path(config.cache).expanduser().resolve()
@@ -114,16 +111,17 @@ def plan_run(config: TrainConfig) -> RunPlan:
     index = _index(reader)
     max_positions = max([max_positions] + [e.num_tokens for e in index])
     split = heldout_split(index, config.heldout_fraction, config.eval_sequences)
-    if is_eagle3(config.drafter):
-        spec = _eagle3_spec(config, reader, cache_path, target_path, target_config, split, max_positions)
-    else:
-        # A model alias (e.g. qwen2.5-coder-0.5b) becomes its local directory, fetched on first use.
-        drafter = str(resolve_model(config.drafter).path) if config.drafter in EMBEDDED_MODELS else config.drafter
-        spec = resolve_drafter_spec(
-            drafter, config.drafter_config, vocab_size=vocab_size, max_positions=max_positions,
-            token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
-            init_embeddings=init_embeddings)
-    columns = ["aux"] if spec.kind == "eagle3" else []  # the feature columns the drafter reads
+    family = family_for(config.drafter)
+    _check_feature_columns(family, manifest, cache_path)
+    # A model alias (e.g. qwen2.5-coder-0.5b) becomes its local directory, fetched on first use.
+    drafter = str(resolve_model(config.drafter).path) if config.drafter in EMBEDDED_MODELS else config.drafter
+    spec = family.resolve(drafter, SpecContext(
+        vocab_size=vocab_size, max_positions=max_positions,
+        token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id},
+        features=manifest["features"], target_path=target_path, target_config=target_config,
+        init_embeddings=init_embeddings, overrides=config.drafter_config,
+        draft_vocabulary=lambda size: _draft_vocabulary(reader, size, split.heldout_threshold)))
+    columns = list(family.columns)  # the feature columns the drafter reads
     reader.check_compatible(requires_features=columns)
 
     if split.num_train < config.workers:
@@ -145,33 +143,23 @@ def plan_run(config: TrainConfig) -> RunPlan:
     return plan
 
 
-def _eagle3_spec(config: TrainConfig, reader, cache_path: Path, target_path: str, target_config, split,
-                 max_positions: int):
-    """The EAGLE-3 DrafterSpec: the cache must hold the aux features; the draft vocabulary comes from its targets."""
+def _check_feature_columns(family: Family, manifest: dict, cache_path: Path) -> None:
+    """Refuse a cache without the feature columns the family reads, naming the build command that adds them."""
     from cache import CacheMismatchError
-    from trainer.drafters.eagle3.train import draft_vocab_size, resolve_eagle3_spec
 
-    manifest = reader.manifest
-    aux = manifest["features"].get("aux")
-    if aux is None:
-        try:
-            stats = json.loads((cache_path / "stats.json").read_text())
-        except (OSError, ValueError):
-            stats = {}
-        raise CacheMismatchError(
-            f"cache {manifest['key']} has no 'aux' feature column (features: "
-            f"{', '.join(manifest['features']) or 'none'}): EAGLE-3 drafters read three of the target's hidden "
-            f"states per position. Build a cache with them: lkspec cache build --target {stats.get('target', 'MODEL')} "
-            f"--data {stats.get('data', 'DATA')} --features aux (plus the other flags of the original build)")
-    vocab = _draft_vocabulary(reader, draft_vocab_size(config.drafter, manifest["vocab_size"]),
-                              split.heldout_threshold)
-    spec = resolve_eagle3_spec(config.drafter, vocab_size=manifest["vocab_size"], target_config=target_config,
-                               target_path=target_path, aux=aux, draft_ids=vocab.ids, max_positions=max_positions,
-                               draft_vocab_mass=vocab.mass)
-    if config.init_embeddings_from == "target" and spec.init_embeddings_path is None:
-        raise ConfigError(f"{flag('init_embeddings_from')} target: the target's embeddings have width "
-                          f"{target_config.hidden_size}, the drafter has hidden={spec.hf_config['hidden_size']}")
-    return spec
+    missing = [name for name in family.columns if name not in manifest["features"]]
+    if not missing:
+        return
+    try:
+        stats = json.loads((cache_path / "stats.json").read_text())
+    except (OSError, ValueError):
+        stats = {}
+    names = ", ".join(f"'{name}'" for name in missing)
+    raise CacheMismatchError(
+        f"cache {manifest['key']} has no {names} feature column (features: "
+        f"{', '.join(manifest['features']) or 'none'}): {family.reads}. Build a cache with them: "
+        f"lkspec cache build --target {stats.get('target', 'MODEL')} --data {stats.get('data', 'DATA')} "
+        f"--features {','.join(family.columns)} (plus the other flags of the original build)")
 
 
 _INDEXES: dict[str, list] = {}
@@ -179,8 +167,8 @@ _VOCABULARIES: dict[tuple, object] = {}
 
 
 def _draft_vocabulary(reader, size: int, heldout_threshold: int):
-    """trainer.eagle3_drafter.draft_vocabulary, computed once per process for a (cache, size, split) (a sweep)."""
-    from trainer.drafters.eagle3.train import draft_vocabulary
+    """trainer.drafters.draft_vocabulary, computed once per process for a (cache, size, split) (a sweep)."""
+    from trainer.drafters import draft_vocabulary
 
     key = (str(reader.path.resolve()), reader.manifest["key"], size, heldout_threshold)
     if key not in _VOCABULARIES:

@@ -10,8 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from trainer.drafters import DrafterError
-from trainer.drafters.eagle3.train import is_eagle3, parse_eagle3
+from trainer.drafters import DrafterError, family_for
 from trainer.losses import LOSS_NAMES, TAIL_MODES
 from trainer.precision import DTYPE_CHOICES, resolve_dtype
 
@@ -37,10 +36,10 @@ class TrainConfig:
     cache: str  # cache directory (a `lkspec cache build` output)
     out: str  # runs root: the run lives in <out>/<run_name>/
     loss: str = "kl"
-    drafter: str = "tiny"  # preset (tiny, small), a Hugging Face model directory, or eagle3[:KEY=VALUE,...]
-    drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (not eagle3)
+    drafter: str = "tiny"  # preset (tiny, small), a HF model directory, or eagle3|medusa|mlp[:KEY=VALUE,...]
+    drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (independent only)
     init_embeddings_from: str | None = None  # "target": copy the target's token embeddings
-    run_name: str | None = None  # default [eagle3-]<loss>-<cache key[:8]>-s<seed>
+    run_name: str | None = None  # default [<family>-]<loss>-<cache key[:8]>-s<seed>
     steps: int | None = None  # optimizer steps (exclusive with epochs)
     epochs: float | None = None  # passes over each worker's training share
     workers: int = 2
@@ -53,7 +52,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 0.5
     batch_tokens: int = 8192  # per worker per step, padding included
-    eta: float = 3.0
+    eta: float | None = None  # LK^λ η; None: the drafter family's default (medusa 10, the others 3)
     tail: str = "bucket"
     target_source: str = "cache"
     target: str | None = None  # target model for --target-source online / --init-embeddings-from target
@@ -68,6 +67,10 @@ class TrainConfig:
     prefetch_batches: int = 4
     resume: bool = False
     stop_after: int | None = None  # stop this invocation after that step (checkpointed), e.g. to resume later
+
+    def __post_init__(self):
+        if self.eta is None and isinstance(self.drafter, str):
+            self.eta = family_for(self.drafter).default_eta
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -100,14 +103,14 @@ class TrainConfig:
                 raise ConfigError(f"{flag(key)} must be a non-empty string")
         if not isinstance(self.drafter_config, dict):
             raise ConfigError(f"{flag('drafter_config')} must be a mapping like layers=2,hidden=256")
-        if is_eagle3(self.drafter):
-            try:
-                parse_eagle3(self.drafter)
-            except DrafterError as exc:
-                raise ConfigError(str(exc)) from None
-            if self.drafter_config:
-                raise ConfigError(f"{flag('drafter_config')} does not apply to EAGLE-3 drafters: give their options "
-                                  "in --drafter, e.g. --drafter eagle3:draft_vocab=4096,steps=6")
+        family = family_for(self.drafter)
+        try:
+            family.parse(self.drafter)
+        except DrafterError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.drafter_config and family.options:
+            raise ConfigError(f"{flag('drafter_config')} does not apply to {family.title} drafters: give their "
+                              f"options in --drafter, e.g. --drafter {family.example}")
         if self.init_embeddings_from not in (None, "target"):
             raise ConfigError(f"{flag('init_embeddings_from')} must be 'target', got {self.init_embeddings_from!r}")
         if self.run_name is not None:

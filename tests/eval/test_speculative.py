@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval.speculative as spec
-from trainer.drafters.eagle3 import decode as eagle3_drafting
+from trainer.drafters import causal_lm
 from trainer.drafters.eagle3.decode import Eagle3MismatchError
 from eval.speculative import accept, merge_stats, speculative_generate
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
@@ -363,8 +363,8 @@ def test_eagle3_draft_distributions_and_alpha_match_an_uncached_reference(eagle_
 
 def test_eagle3_reference_catches_misaligned_target_states(eagle_pair, monkeypatch):
     target, drafters = eagle_pair
-    real = eagle3_drafting.target_features
-    monkeypatch.setattr(eagle3_drafting, "target_features",  # each row reads the previous position's states
+    real = causal_lm.target_features
+    monkeypatch.setattr(causal_lm, "target_features",  # each row reads the previous position's states
                         lambda states, layers: torch.roll(real(states, layers), 1, 0))
     rounds = record_rounds(monkeypatch)
     speculative_generate(target, drafters["reduced"], torch.tensor(PROMPTS[1]), k=2, temperature=1.0,

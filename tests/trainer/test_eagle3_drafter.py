@@ -9,10 +9,10 @@ import torch
 
 from cache import open_cache
 from trainer.data import BatchStream, LoaderSpec, heldout_split, is_heldout, scan_index
-from trainer.drafters import DrafterError, build_drafter
+from trainer.drafters import DrafterError, build_drafter, draft_vocabulary
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 from trainer.drafters.eagle3.train import (DEFAULT_STEPS, Eagle3Drafter, default_draft_vocab, draft_vocab_size,
-                                    draft_vocabulary, parse_eagle3, resolve_eagle3_spec)
+                                           parse_eagle3, resolve_eagle3_spec)
 from trainer.losses import SparseTarget, combine_steps, compute_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,9 +1,9 @@
-"""EAGLE-3 drafting for the speculative decoder: the drafter's KV cache and its K chained steps.
+"""EAGLE-3 decoding hooks: the drafter's KV cache and its K chained steps (called by eval/speculative.py).
 
 The drafter's cache holds one step-1 row per committed target position t: the target's fused
 hidden states at t, the token x_{t+1}, position id t (its keys/values, post-RoPE). A verification
 that commits tokens up to x_{j+1} hands the target states of the newly committed positions to
-`add_features`; `draft` appends their rows, the last of which (row j, predicting x_{j+2}) is draft
+`add_features` (the family's commit hook); `draft` appends their rows, the last of which (row j, predicting x_{j+2}) is draft
 step 1. Draft step m > 1 reads the token step m - 1 drafted, step m - 1's pre-norm output as its
 hidden state and position id j + m - 1, and attends to every step-1 row plus the chain's earlier
 steps: the diagonal of the training-time-test mask. Chain rows are never stored, and a row is only
@@ -14,15 +14,15 @@ cache to roll back. Proposals live on the draft vocabulary and are mapped to tar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
+from trainer.drafters.base import DrafterMismatchError, Propose, on_target_vocab
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 
-class Eagle3MismatchError(ValueError):
+class Eagle3MismatchError(DrafterMismatchError):
     """An EAGLE-3 drafter was trained for another target (hidden size, vocabulary or layers)."""
 
 
@@ -38,11 +38,6 @@ class Eagle3Cache:
     def rows(self) -> int:
         """Number of step-1 rows held (= committed target positions already appended)."""
         return 0 if self.keys is None else self.keys.shape[2]
-
-
-def is_eagle3(drafter) -> bool:
-    """True for an EAGLE-3 drafter (which reads the target's hidden states)."""
-    return isinstance(drafter, Eagle3Model)
 
 
 def check_target(target_config, drafter_config: Eagle3Config) -> None:
@@ -64,17 +59,9 @@ def check_target(target_config, drafter_config: Eagle3Config) -> None:
         raise Eagle3MismatchError("EAGLE-3 drafter does not match the target: " + "; ".join(problems))
 
 
-def target_features(hidden_states: tuple[Tensor, ...], layers: tuple[int, ...]) -> Tensor:
-    """The cache's `aux` layout: hidden_states[i] for i in layers, concatenated -> [T, 3·d] (batch 1)."""
-    return torch.cat([hidden_states[i][0] for i in layers], dim=-1)
-
-
 def add_features(cache: Eagle3Cache, features: Tensor) -> None:
     """Queue the target states [n, 3·d] of newly committed positions (they follow the queued ones)."""
     cache.features = features if cache.features is None else torch.cat([cache.features, features])
-
-
-Propose = Callable[[Tensor], tuple[Tensor, Tensor]]  # logits [1, V] -> (token [1], distribution [1, V])
 
 
 def draft(model: Eagle3Model, cache: Eagle3Cache, tokens: Tensor, k: int, propose: Propose,
@@ -88,7 +75,7 @@ def draft(model: Eagle3Model, cache: Eagle3Cache, tokens: Tensor, k: int, propos
     keys, values = cache.keys, cache.values
     drafts, draft_probs = [], []
     for m in range(1, k + 1):
-        token, q = propose(_on_target_vocab(logits, model.draft_ids, vocab))
+        token, q = propose(on_target_vocab(logits, model.draft_ids, vocab))
         drafts.append(token)
         draft_probs.append(q)
         if m == k:
@@ -117,8 +104,3 @@ def _append_rows(model: Eagle3Model, cache: Eagle3Cache, tokens: Tensor) -> tupl
     cache.features = None
     return logits[0, -1:], out[:, -1:]
 
-
-def _on_target_vocab(logits: Tensor, draft_ids: Tensor, vocab: int) -> Tensor:
-    """Draft-vocabulary logits [1, Vd] -> target-vocabulary logits [1, vocab], -inf outside draft_ids."""
-    full = logits.new_full((logits.shape[0], vocab), float("-inf"))
-    return full.index_copy_(1, draft_ids, logits)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.drafters.base import ExportFormatError
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 _NOT_WEIGHTS = ("draft_ids",)
 
 
-class Eagle3FormatError(ValueError):
+class Eagle3FormatError(ExportFormatError):
     """A directory is not a loadable EAGLE-3 drafter (the message names the file and key)."""
 
 

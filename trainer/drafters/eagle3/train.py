@@ -15,21 +15,20 @@ target whenever the width is the target's, and then frozen unless freeze_embeddi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.drafters import Drafter, DrafterError, DrafterSpec, DraftStep, option_value
+from trainer.drafters.base import (Drafter, DrafterError, DrafterSpec, DraftStep, load_input_embeddings,
+                                   parse_options, save_tokenizer, shifted_tokens, step_rows)
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 from trainer.drafters.eagle3.export import load_eagle3, save_eagle3
 
 NAME = "eagle3"
 DEFAULT_STEPS = 6  # TTT steps K (the paper's recipe)
-# `--drafter eagle3:KEY=VALUE,...` keys (typed by trainer.drafters.option_value).
+# `--drafter eagle3:KEY=VALUE,...` keys (typed by trainer.drafters.base.option_value).
 OPTIONS = ("hidden", "heads", "kv_heads", "intermediate", "draft_vocab", "steps", "freeze_embeddings",
            "max_positions", "rope_theta")
 
@@ -44,24 +43,9 @@ def draft_vocab_size(drafter: str, vocab_size: int) -> int:
     return parse_eagle3(drafter).get("draft_vocab", default_draft_vocab(vocab_size))
 
 
-def is_eagle3(drafter: str) -> bool:
-    """Whether a `--drafter` value names an EAGLE-3 drafter (`eagle3` or `eagle3:KEY=VALUE,...`)."""
-    return drafter == NAME or drafter.startswith(NAME + ":")
-
-
 def parse_eagle3(drafter: str) -> dict[str, Any]:
     """`eagle3:hidden=256,steps=4` -> {"hidden": 256, "steps": 4}; unknown keys and bad values refused."""
-    if not is_eagle3(drafter):
-        raise DrafterError(f"--drafter {drafter!r} is not an EAGLE-3 drafter (eagle3[:KEY=VALUE,...])")
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in drafter.partition(":")[2].split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in OPTIONS:
-            raise DrafterError(f"--drafter eagle3: bad option {item!r}; expected KEY=VALUE with KEY in "
-                               f"{', '.join(OPTIONS)}")
-        options[key] = option_value(key, value.strip(), flag="--drafter eagle3")
-    return options
+    return parse_options(drafter, NAME, OPTIONS)
 
 
 def resolve_eagle3_spec(drafter: str, *, vocab_size: int, target_config, target_path: str | None,
@@ -115,42 +99,6 @@ def target_rope_theta(config) -> float:
     return float(theta)
 
 
-@dataclass(frozen=True)
-class DraftVocabulary:
-    """The reduced vocabulary: target ids (ascending) and the mean cached target mass they hold."""
-
-    ids: list[int]
-    mass: float  # mean over training positions of Σ_{v in ids} p(v), from the cached top-k (a lower bound)
-    positions: int
-
-
-def draft_vocabulary(reader, size: int, heldout_threshold: int) -> DraftVocabulary:
-    """The `size` target ids with the most cached target probability mass over the training positions.
-
-    Summed mass (not top-1 or next-token counts) because α can only be won inside the draft
-    vocabulary: the ids with the largest total mass maximize the mean in-vocabulary mass Σ_D p_v,
-    the ceiling of α. Held-out sequences are excluded; ties go to the lower id. Reads the core
-    columns only (never the hidden-state features).
-    """
-    from trainer.data import is_heldout
-
-    vocab_size = int(reader.manifest["vocab_size"])
-    if not 0 < size <= vocab_size:
-        raise DrafterError(f"--drafter eagle3: draft_vocab must be in 1..{vocab_size}, got {size}")
-    mass = np.zeros(vocab_size, dtype=np.float64)
-    positions = 0
-    for record in reader.iter_sequences(columns=[]):
-        if record.num_positions == 0 or is_heldout(record.sample_id, heldout_threshold):
-            continue
-        positions += record.num_positions
-        mass += np.bincount(record.topk_ids.ravel(), weights=np.exp(record.topk_logprobs.ravel().astype(np.float64)),
-                            minlength=vocab_size)
-    order = np.lexsort((np.arange(vocab_size), -mass))  # most mass first, then lowest id
-    ids = np.sort(order[:size])
-    return DraftVocabulary(ids=[int(i) for i in ids], mass=float(mass[ids].sum() / max(positions, 1)),
-                           positions=positions)
-
-
 class Eagle3Drafter(Drafter):
     """An Eagle3Model trained with the K-step test-time-training unroll (see the module docstring)."""
 
@@ -181,25 +129,22 @@ class Eagle3Drafter(Drafter):
         values: list[Tensor] = []
         steps = []
         for n in range(1, self.num_steps + 1):
-            tokens = torch.cat([input_ids[:, n:], input_ids.new_zeros(size, min(n, length))], dim=1)  # x_{t+n}
+            tokens = shifted_tokens(input_ids, n)  # x_{t+n}
             mask = torch.cat([first] + [eye] * (n - 1), dim=-1)  # [B, T, n·T]
             prefix = (torch.cat(keys, 2), torch.cat(values, 2)) if keys else None
             out, k, v = model.midlayer(model.embed_tokens(tokens), hidden, positions + (n - 1), prefix, mask)
             keys.append(k)
             values.append(v)
-            rows = torch.nonzero(target_pos >= n).view(-1)
-            picked = out[target_batch[rows], target_pos[rows] - n]  # [N_n, d]: only these rows reach lm_head
+            rows, row_batch, row_pos = step_rows(target_batch, target_pos, n)
+            picked = out[row_batch, row_pos]  # [N_n, d]: only these rows reach lm_head
             steps.append(DraftStep(model.lm_head(model.norm(picked)), rows))
             hidden = out
         return steps
 
     def export(self, out_dir: Path, tokenizer_dir: str | Path | None = None) -> None:
-        """The vLLM / SGLang EAGLE-3 layout (trainer.eagle3_export), plus the target's tokenizer."""
+        """The vLLM / SGLang EAGLE-3 layout (trainer.drafters.eagle3.export), plus the target's tokenizer."""
         save_eagle3(self.model, out_dir, metadata={"ttt_steps": self.num_steps})
-        if tokenizer_dir is not None:
-            from transformers import AutoTokenizer
-
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+        save_tokenizer(tokenizer_dir, out_dir)
 
     def reload(self, model_dir: Path, dtype: torch.dtype) -> Eagle3Drafter:
         """The export in model_dir, loaded back as a drafter of the same steps."""
@@ -208,8 +153,6 @@ class Eagle3Drafter(Drafter):
 
 def build_eagle3(spec: DrafterSpec) -> Eagle3Drafter:
     """The drafter of a resolved spec: random weights (torch's RNG), the spec's draft vocabulary, target embeddings."""
-    from trainer.drafters import load_input_embeddings
-
     model = Eagle3Model(Eagle3Config.from_dict(spec.hf_config))
     if spec.draft_vocab is None:
         raise DrafterError(f"drafter spec {spec.label!r} has no draft vocabulary")

@@ -1,0 +1,254 @@
+"""The MLP speculator family (Wertheimer et al. 2024, "Accelerating Production LLMs with Combined
+Token/Embedding Speculators"; vLLM `vllm/model_executor/models/mlp_speculator.py`).
+
+    --drafter mlp[:stages=6,inner=<target hidden>,tie=false,scale_input=false]
+
+Stage n mixes a projection of its input state with the embedding of a token, then normalizes:
+
+    state_0 = h_t   (scale_input: RMS-normalized without parameters, / √2)
+    state_n = GELU(ln_n(proj_n(state_{n−1}) + (emb_weight / state_weight) · emb_n(token_n)))
+    logits_n = head_n(state_n)              state_weight = 0.5^(0.5 / stages)
+                                            emb_weight = √((1 − state_weight²) · inner / 2)
+
+h_t is the target's final hidden state at t (after the final norm: the cache's `last` column),
+token_1 = x_{t+1} the token just sampled, token_n the token stage n − 1 drafted (the true x_{t+n}
+in training: teacher forcing); stage n predicts x_{t+n+1}. ln is vLLM's MLPSpeculatorLayerNorm (an
+RMS normalization, eps 1e-6, with a learned scale and shift), GELU the exact one. tie=true shares
+emb, ln, head and the inner projection between stages (proj_1 reads the target's width and stays
+separate). Initialization as IBM's: weights N(0, 1/inner), norms scale 1 and shift 0. Training and
+decoding: trainer.drafters.last_state.
+
+Export (vLLM's MLPSpeculatorPreTrainedModel):
+
+    config.json        architectures ["MLPSpeculatorPreTrainedModel"], model_type "mlp_speculator",
+                       vocab_size, emb_dim (the target's hidden size), inner_dim, n_predict,
+                       top_k_tokens_per_head (n_predict ones), n_candidates, tie_weights,
+                       scale_input, and an "lkspec" block
+    model.safetensors  emb.{i}.weight [vocab, inner], proj.{i}.weight [inner, emb_dim (i = 0) | inner],
+                       head.{i}.weight [vocab, inner], ln.{i}.weight and .bias [inner], for every stage
+                       i; with tie_weights only the tensors vLLM keeps: emb.0, proj.0, proj.1, head.0, ln.0
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.drafters.base import (DrafterError, DrafterSpec, ExportFormatError, SpecContext, read_export,
+                                   read_export_config, read_json, save_tokenizer, write_export)
+from trainer.drafters.last_state import LastStateFamily, StepDrafter, StepModel
+
+NAME = "mlp"
+OPTIONS = ("stages", "inner", "tie", "scale_input")
+DEFAULT_STAGES = 6
+ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
+FORMAT_VERSION = 1
+SQRT2 = 2 ** 0.5
+
+
+@dataclass(frozen=True)
+class MLPSpeculatorConfig:
+    """Shape of an MLP speculator for one target (vLLM's MLPSpeculatorConfig keys)."""
+
+    emb_dim: int  # the target's hidden size
+    vocab_size: int  # the target's
+    inner_dim: int = 0  # 0: emb_dim
+    n_predict: int = DEFAULT_STAGES
+    tie_weights: bool = False
+    scale_input: bool = False
+
+    def __post_init__(self):
+        if self.inner_dim == 0:
+            object.__setattr__(self, "inner_dim", self.emb_dim)
+        if self.n_predict < 1 or self.inner_dim < 1:
+            raise ValueError(f"n_predict and inner_dim must be >= 1, got {self.n_predict}, {self.inner_dim}")
+        if self.tie_weights and self.n_predict < 2:
+            raise ValueError("tie_weights needs at least 2 stages (n_predict)")
+
+    @property
+    def target_hidden_size(self) -> int:
+        return self.emb_dim
+
+
+class SpeculatorNorm(nn.Module):
+    """vLLM's MLPSpeculatorLayerNorm: x / √(mean(x²) + eps), then an optional learned scale and shift."""
+
+    def __init__(self, dim: int, affine: bool, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        if affine:
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim))
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x if self.weight is None else self.weight * x + self.bias
+
+
+class MLPSpeculator(StepModel):
+    """The stages of an MLP speculator (see the module docstring); parameter names are vLLM's."""
+
+    def __init__(self, config: MLPSpeculatorConfig):
+        super().__init__()
+        self.config = config
+        n, inner, vocab = config.n_predict, config.inner_dim, config.vocab_size
+        self.num_steps = n
+        if config.tie_weights:
+            emb, tied_proj = nn.Embedding(vocab, inner), nn.Linear(inner, inner, bias=False)
+            head, norm = nn.Linear(inner, vocab, bias=False), SpeculatorNorm(inner, affine=True)
+            self.emb = nn.ModuleList([emb] * n)
+            self.proj = nn.ModuleList([nn.Linear(config.emb_dim, inner, bias=False)] + [tied_proj] * (n - 1))
+            self.head = nn.ModuleList([head] * n)
+            self.ln = nn.ModuleList([norm] * n)
+        else:
+            self.emb = nn.ModuleList(nn.Embedding(vocab, inner) for _ in range(n))
+            self.proj = nn.ModuleList(nn.Linear(config.emb_dim if i == 0 else inner, inner, bias=False)
+                                      for i in range(n))
+            self.head = nn.ModuleList(nn.Linear(inner, vocab, bias=False) for _ in range(n))
+            self.ln = nn.ModuleList(SpeculatorNorm(inner, affine=True) for _ in range(n))
+        self.ln0 = SpeculatorNorm(config.emb_dim, affine=False) if config.scale_input else None
+        self.state_weight = 0.5 ** (0.5 / n)
+        self.emb_weight = math.sqrt((1 - self.state_weight ** 2) * (inner / 2))
+        for module in self.modules():  # IBM's initialization
+            if isinstance(module, (nn.Embedding, nn.Linear)):
+                nn.init.normal_(module.weight, 0.0, 1 / math.sqrt(inner))
+
+    @property
+    def vocab_map(self) -> Tensor | None:
+        return None
+
+    def start(self, hidden: Tensor) -> Tensor:
+        return self.ln0(hidden) / SQRT2 if self.ln0 is not None else hidden
+
+    def advance(self, step: int, state: Tensor, tokens: Tensor) -> Tensor:
+        mixed = self.proj[step](state) + (self.emb_weight / self.state_weight) * self.emb[step](tokens)
+        return F.gelu(self.ln[step](mixed))
+
+    def logits(self, step: int, state: Tensor) -> Tensor:
+        return self.head[step](state)
+
+
+class MLPSpeculatorDrafter(StepDrafter):
+    """An MLP speculator trained on the cache's `last` column: K = stages steps, tokens teacher-forced."""
+
+    kind = NAME
+
+    def export(self, out_dir: Path, tokenizer_dir: str | Path | None = None) -> None:
+        """vLLM's MLP speculator layout (see the module docstring) plus the target's tokenizer."""
+        save_mlp_speculator(self.model, out_dir)
+        save_tokenizer(tokenizer_dir, out_dir)
+
+    def reload(self, model_dir: Path, dtype: torch.dtype) -> MLPSpeculatorDrafter:
+        return MLPSpeculatorDrafter(load_mlp_speculator(model_dir).to(dtype)).eval()
+
+
+def export_config(config: MLPSpeculatorConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of an MLP speculator export: vLLM's MLPSpeculatorConfig keys plus our `lkspec` block."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "mlp_speculator",
+        "vocab_size": config.vocab_size,
+        "emb_dim": config.emb_dim,
+        "inner_dim": config.inner_dim,
+        "n_predict": config.n_predict,
+        "top_k_tokens_per_head": [1] * config.n_predict,
+        "n_candidates": 1,
+        "tie_weights": config.tie_weights,
+        "scale_input": config.scale_input,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "lkspec": {"format": NAME, "format_version": FORMAT_VERSION,
+                   "input": "the target's final hidden state (after the final norm) at position t and token "
+                            "t + 1; stage n (1-based) predicts token t + n + 1"},
+    }
+
+
+def export_tensors(model: MLPSpeculator) -> dict[str, Tensor]:
+    """Every distinct parameter under its first name (vLLM's named_parameters: tied stages once)."""
+    return dict(model.named_parameters())
+
+
+def save_mlp_speculator(model: MLPSpeculator, out_dir: str | Path) -> None:
+    """Write `model` as an MLP speculator directory (config.json + model.safetensors)."""
+    write_export(Path(out_dir), export_config(model.config, next(model.parameters()).dtype), export_tensors(model))
+
+
+def is_mlp_speculator_dir(path: str | Path) -> bool:
+    """Whether path holds an MLP speculator export (config.json naming MLPSpeculatorPreTrainedModel, and weights)."""
+    return read_export_config(Path(path), (ARCHITECTURE,)) is not None
+
+
+def read_config(model_dir: str | Path) -> MLPSpeculatorConfig:
+    """The MLPSpeculatorConfig of an MLP speculator directory's config.json."""
+    path = Path(model_dir) / "config.json"
+    data = read_json(path)
+    try:
+        return MLPSpeculatorConfig(emb_dim=int(data["emb_dim"]), vocab_size=int(data["vocab_size"]),
+                                   inner_dim=int(data.get("inner_dim") or 0), n_predict=int(data["n_predict"]),
+                                   tie_weights=bool(data.get("tie_weights", False)),
+                                   scale_input=bool(data.get("scale_input", False)))
+    except KeyError as exc:
+        raise ExportFormatError(f"{path}: missing key {exc} (not an MLP speculator config)") from None
+    except (TypeError, ValueError) as exc:
+        raise ExportFormatError(f"{path}: {exc}") from None
+
+
+def load_mlp_speculator(model_dir: str | Path) -> MLPSpeculator:
+    """Load an MLP speculator directory into an fp32 MLPSpeculator in eval mode (tensors checked by name and shape)."""
+    model = MLPSpeculator(read_config(model_dir))
+    parameters = export_tensors(model)
+    tensors = read_export(Path(model_dir), {name: tuple(p.shape) for name, p in parameters.items()})
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(tensors[name])
+    return model.float().eval()
+
+
+class MLPSpeculatorFamily(LastStateFamily):
+    """`--drafter mlp[:stages=,inner=,tie=,scale_input=]` (η = 3 by default)."""
+
+    name = NAME
+    title = "MLP speculator"
+    example = "mlp:stages=6,inner=256"
+    reads = "MLP speculators read the target's final hidden state per position"
+    options = OPTIONS
+    model_class = MLPSpeculator
+
+    def resolve(self, drafter: str, context: SpecContext) -> DrafterSpec:
+        options = self.parse(drafter)
+        hidden = int(context.features["last"]["dim"])
+        if context.target_config is not None and hidden != context.target_config.hidden_size:
+            from cache import CacheMismatchError
+
+            raise CacheMismatchError(f"the cache's last feature has dimension {hidden}, the target's hidden "
+                                     f"size is {context.target_config.hidden_size}")
+        try:
+            config = MLPSpeculatorConfig(emb_dim=hidden, vocab_size=context.vocab_size,
+                                         inner_dim=options.get("inner", 0),
+                                         n_predict=options.get("stages", DEFAULT_STAGES),
+                                         tie_weights=options.get("tie", False),
+                                         scale_input=options.get("scale_input", False))
+        except ValueError as exc:
+            raise DrafterError(f"--drafter mlp: {exc}") from None
+        return DrafterSpec(kind=NAME, label=drafter, source="config", hf_config=asdict(config))
+
+    def build(self, spec: DrafterSpec) -> MLPSpeculatorDrafter:
+        return MLPSpeculatorDrafter(MLPSpeculator(MLPSpeculatorConfig(**spec.hf_config)).float().train())
+
+    def is_export(self, path: Path) -> bool:
+        return is_mlp_speculator_dir(path)
+
+    def load(self, path: Path, dtype: torch.dtype) -> MLPSpeculator:
+        return load_mlp_speculator(path).to(dtype)
+
+    def read_config(self, path: Path) -> MLPSpeculatorConfig:
+        return read_config(path)
+
+
+FAMILY = MLPSpeculatorFamily()
