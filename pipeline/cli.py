@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 
@@ -124,15 +125,36 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `lkspec` console script."""
+    """Entry point of the `lkspec` console script.
+
+    Ctrl-C (SIGINT) or SIGTERM at any point unwinds the command (its Ray workers and private
+    cluster stop), prints one line naming the command that resumes it, and returns 130 / 143.
+    """
+    from pipeline.interrupts import Interrupted, SignalLog, interrupt_message
+
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = parse_with_config(parser, argv)
-        return int(args.func(args) or 0)
-    except CliError as exc:
-        print(f"lkspec: error: {exc}", file=sys.stderr)
-        return 2
+    error = None
+    with SignalLog() as signals:
+        try:
+            args = parse_with_config(parser, argv)
+            status = int(args.func(args) or 0)
+        except CliError as exc:
+            error, status = exc, 2
+        except KeyboardInterrupt as exc:  # Interrupted, or a SIGINT that a library's handler turned into one
+            signals.received.append(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+        except BaseException:
+            if signals.first() is None:
+                raise
+            # anything else that ends a command after a signal (a library's sys.exit(0) in its SIGINT
+            # handler, a Ray error from a cluster that stopped underneath) is that interruption
+    signum = signals.first()
+    if signum is not None:
+        print(interrupt_message(argv, signum), file=sys.stderr, flush=True)
+        return 128 + signum
+    if error is not None:
+        print(f"lkspec: error: {error}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

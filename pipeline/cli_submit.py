@@ -14,7 +14,10 @@ def register(subparsers) -> None:
         description=(
             "Submit any lkspec command as a Ray job through the Jobs API, stream its logs and "
             "exit with its status. Example: lkspec submit --address http://127.0.0.1:8265 -- "
-            "lkspec cache build --target smollm2-135m --data sharegpt --out /mnt/caches"
+            "lkspec cache build --target smollm2-135m --data sharegpt --out /mnt/caches. "
+            "The cluster's token (Ray token authentication) is read as Ray reads it: $RAY_AUTH_TOKEN, else "
+            "the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (`ray get-auth-token --generate` makes it "
+            "before `ray up cluster.yaml`, which copies it to every node; `ray get-auth-token` on a head prints it)."
         ),
     )
     parser.add_argument("--address", default=None,
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Validate the request and submit it."""
     import os
 
-    from pipeline.submit import SubmitConfig, submit_job
+    from pipeline.submit import SubmitConfig, TokenError, submit_job
 
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     env = {}
@@ -51,3 +54,5 @@ def run(args: argparse.Namespace) -> int:
         return submit_job(config)
     except ConnectionError as exc:
         raise CliError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+    except TokenError as exc:
+        raise CliError(str(exc)) from exc

@@ -7,6 +7,9 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.interrupts import signals_held
 
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -34,24 +37,49 @@ class SubmitConfig:
         return shlex.join(["lkspec", *self.command])
 
 
+class TokenError(ValueError):
+    """The cluster's token is missing, unreadable, or refused."""
+
+
+def cluster_token() -> str | None:
+    """The cluster's token as Ray looks for it: $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if "RAY_AUTH_TOKEN_PATH" in os.environ:
+            raise TokenError(f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist") from None
+        return None
+
+
 def submit_job(config: SubmitConfig) -> int:
     """Submit the job; with wait, stream its logs and return its exit status (0 on success)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(config.address)
-    env_vars = {"RAY_AUTH_MODE": "disabled", **config.env}
-    job_id = _submit_when_agent_ready(client, config.entrypoint, {"env_vars": env_vars})
+    token = cluster_token()
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    try:
+        client = JobSubmissionClient(config.address, headers=headers)
+        job_id = _submit_when_agent_ready(client, config.entrypoint, {"env_vars": config.env})
+    except AuthenticationError as exc:
+        why = "refused the token" if token else "requires a token and none was found"
+        raise TokenError(f"the Ray cluster at {config.address} {why}: put the cluster's token in $RAY_AUTH_TOKEN, "
+                         "in a file named by $RAY_AUTH_TOKEN_PATH, or in ~/.ray/auth_token (`ray get-auth-token` "
+                         f"on the head prints it) ({str(exc).splitlines()[0]})") from exc
     print(f"submitted job {job_id}: {config.entrypoint}", file=sys.stderr, flush=True)
     if not config.wait:
         print(job_id)
         return 0
     try:
         asyncio.run(_stream_logs(client, job_id))
-    except KeyboardInterrupt:
-        client.stop_job(job_id)
-        print(f"stopped job {job_id}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (pipeline.interrupts): stop the job, then let cli.main report it
+        with signals_held():
+            client.stop_job(job_id)
+        raise
     info = client.get_job_info(job_id)
     while str(info.status) not in TERMINAL_STATUSES:  # logs end slightly before the status settles
         asyncio.run(asyncio.sleep(0.2))

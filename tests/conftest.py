@@ -1,14 +1,10 @@
-"""Shared fixtures: a real local Ray cluster on 127.0.0.1 and tiny random-weight models."""
+"""Shared fixtures: a real private Ray cluster (token auth, loopback only) and tiny random-weight models."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import pytest
 
-# Ray 2.60 refuses local `ray start` / job submission without this; set before Ray is imported.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `--dtype auto` resolves as on an AVX2-only CPU (fp32): the suite takes CI's path on every machine and
@@ -19,24 +15,14 @@ os.environ.setdefault("LKSPEC_ASSUME_CPU", "avx2")
 
 @pytest.fixture(scope="session")
 def ray_address() -> str:
-    """Start a real Ray head on 127.0.0.1 for the session (no dashboard) and return its GCS address."""
-    import ray
+    """A private Ray cluster for the session, as lkspec starts one (pipeline.ray_session); its GCS address.
 
-    # Unix socket paths are limited to ~107 bytes: keep Ray's temp dir short.
-    temp_dir = tempfile.mkdtemp(prefix="lkray-", dir="/tmp")
-    context = ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=temp_dir,
-        object_store_memory=256 * 1024 * 1024,
-        log_to_driver=False,
-    )
-    try:
-        yield context.address_info["gcs_address"]
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    While it runs, this process's environment holds its token, so a subprocess given the address joins it.
+    """
+    from pipeline.ray_session import private_cluster
+
+    with private_cluster(num_cpus=4, object_store_memory=256 * 1024 * 1024) as address:
+        yield address
 
 
 @pytest.fixture(scope="session")
