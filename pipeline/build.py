@@ -162,8 +162,12 @@ def build_cache(config: BuildConfig) -> Path:
 
 
 def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> BuildOutcome:
-    """build_cache with the details: whether the cache was reused, and the stats of this run."""
-    from cache import content_key, create_manifest, load_manifest
+    """build_cache with the details: whether the cache was reused, and the stats of this run.
+
+    The build holds the cache directory's exclusive lock: a second build of the same cache waits
+    (saying so once), then reuses the finished cache, or resumes it if the first build died.
+    """
+    from cache import content_key, lock_cache
     from pipeline.data import open_dataset
 
     log = log or _stderr
@@ -175,13 +179,48 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     identity = cache_identity(config, target, dataset.identity)
     key = content_key(identity)
     cache_dir = config.out / key
-    if (cache_dir / "manifest.json").is_file():
-        manifest = load_manifest(cache_dir)
-        if manifest["complete"]:
-            log(f"reusing cache {key}: {manifest['num_sequences']} sequences, "
-                f"{manifest['num_positions']} positions, already complete in {cache_dir}")
-            return BuildOutcome(cache_dir, key, True, _read_stats(cache_dir))
+    waited: list[Path] = []
 
+    def report_wait(lock_path: Path) -> None:
+        if not waited:
+            log(f"waiting for another build of cache {key} to release {lock_path}")
+        waited.append(lock_path)
+
+    with lock_cache(cache_dir, exclusive=False, on_wait=report_wait):  # a complete cache needs no more
+        reused = _reuse_complete(cache_dir, key, log)
+    if reused:
+        return reused
+    try:
+        lock = lock_cache(cache_dir, exclusive=True, on_wait=report_wait)
+    except OSError as exc:
+        raise _disk_error(exc, cache_dir) from None
+    with lock:
+        return _reuse_complete(cache_dir, key, log) or _build_locked(
+            config, target, dataset, identity, lock, log, started)
+
+
+def _reuse_complete(cache_dir: Path, key: str, log: Callable[[str], None]) -> BuildOutcome | None:
+    """The outcome of reusing `cache_dir` if it holds a complete cache (the caller holds its lock)."""
+    from cache import load_manifest
+
+    if not (cache_dir / "manifest.json").is_file():
+        return None
+    manifest = load_manifest(cache_dir)
+    if not manifest["complete"]:
+        return None
+    log(f"reusing cache {key}: {manifest['num_sequences']} sequences, "
+        f"{manifest['num_positions']} positions, already complete in {cache_dir}")
+    return BuildOutcome(cache_dir, key, True, _read_stats(cache_dir))
+
+
+def _build_locked(config: BuildConfig, target: _Target, dataset, identity: dict, lock, log: Callable[[str], None],
+                  started: float) -> BuildOutcome:
+    """Plan, create or resume the manifest, compute the missing shards and finalize, under the exclusive `lock`."""
+    from cache import create_manifest
+    from cache.lock import remove_temp_files
+
+    cache_dir = lock.path.parent
+    key = cache_dir.name
     plan = plan_samples(dataset, target.tokenizer, config)
     samples = plan.samples
     shards = [ShardTask(i, tuple(samples[s:s + config.shard_size]))
@@ -190,7 +229,7 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     try:
         manifest = create_manifest(cache_dir, key=key, identity=identity, k=config.k, vocab_size=target.vocab_size,
                                    tokenizer_sha256=target.tokenizer_sha256, features=features,
-                                   num_shards_planned=len(shards))
+                                   num_shards_planned=len(shards), lock=lock)
     except OSError as exc:
         raise _disk_error(exc, cache_dir) from None
     committed = manifest.committed_indices()
@@ -214,13 +253,21 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
         manifest.finalize()
     except OSError as exc:
         raise _disk_error(exc, cache_dir) from None
-    _remove_temp_files(cache_dir)
+    remove_temp_files(lock)  # only the lock holder may: nobody else writes here now
     plan.skipped.update(run.skipped)
     stats = _stats(config, manifest, plan, len(shards) - len(pending), run, time.perf_counter() - started)
     _write_json(cache_dir / STATS_NAME, stats)
+    if plan.skipped:
+        log(skip_summary(plan.skipped))
     log(f"built cache {key} ({config.dtype} target): {stats['sequences']} sequences, {stats['positions']} positions, "
         f"{stats['bytes']['total'] / 2**20:.1f} MiB, {stats['wall_seconds']:.1f} s")
     return BuildOutcome(cache_dir, key, False, stats)
+
+
+def skip_summary(skipped: Counter) -> str:
+    """One line for the end of a build: how many rows were left out of the cache, and why."""
+    reasons = "; ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items()))
+    return f"left out {sum(skipped.values())} row(s) ({reasons}); stats.json lists the first invalid rows"
 
 
 def cache_identity(config: BuildConfig, target: _Target, dataset_identity: dict) -> dict:
@@ -305,7 +352,7 @@ def plan_samples(dataset, tokenizer, config: BuildConfig) -> Plan:
                 examples.append(str(item))
             continue
         if tokens.num_positions == 0:
-            skipped["no assistant tokens within max length"] += 1
+            skipped[f"no assistant token within --max-length {config.max_length}"] += 1
             continue
         truncated += tokens.truncated
         samples.append(Sample(item.sample_id, tokens.input_ids, tokens.loss_mask,
@@ -422,14 +469,6 @@ def worker_device(requested: str, cluster_gpus: float) -> str:
     if requested == "auto":
         return "cuda" if cluster_gpus >= 1 else "cpu"
     return requested
-
-
-def _remove_temp_files(cache_dir: Path) -> None:
-    """Drop the temp files of writers killed mid-write: the finished cache no longer needs any."""
-    from cache.atomic import TEMP_PREFIX
-
-    for temp in cache_dir.glob(f"{TEMP_PREFIX}*"):
-        temp.unlink(missing_ok=True)
 
 
 def _first_line(exc: BaseException) -> str:
