@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 from pipeline.cli import CliError
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES
-
-STALE_TEMP_SECONDS = 3600  # a temp file untouched this long belongs to a dead writer
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -95,7 +94,8 @@ def register(subparsers) -> None:
         "gc", help="remove caches that no run references", formatter_class=_DefaultsFormatter,
         description="Remove the complete caches under ROOT that no run references (RUNS/**/run.json naming "
                     "the cache by 'cache_key' or 'cache': {'key'|'path'}), incomplete builds untouched for "
-                    "--stale-hours, and stale temporary files.",
+                    "--stale-hours, and the temporary files of dead writers. A cache in use (its lock held by a "
+                    "build, a training run or a reader) is skipped.",
     )
     gc.add_argument("root", type=Path, metavar="ROOT")
     gc.add_argument("--runs", type=Path, action="append", default=None,
@@ -219,9 +219,17 @@ def _describe_dataset(dataset: dict) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """`cache verify`: check every file; exit 1 and list the problems if any."""
-    reader = _open(args.cache_dir)
+    from cache import CacheCorruptError, CacheError, CacheMismatchError, open_cache
+
     started = time.perf_counter()
-    problems = reader.verify()
+    try:
+        reader = open_cache(args.cache_dir, allow_incomplete=True)
+    except (CacheCorruptError, CacheMismatchError) as exc:  # the manifest or a shard's structure lies
+        problems = [str(exc)]
+    except CacheError as exc:
+        raise CliError(str(exc)) from None
+    else:
+        problems = reader.verify()
     if problems:
         for problem in problems:
             print(f"FAIL {problem}")
@@ -235,17 +243,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _scan(root: Path) -> list[tuple[Path, object]]:
     """(directory, manifest or the error loading it) for every cache directory under root."""
-    from cache import CacheError, load_manifest
-
     if not root.is_dir():
         raise CliError(f"{root} is not a directory")
-    found = []
-    for directory in sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()):
-        try:
-            found.append((directory, load_manifest(directory)))
-        except CacheError as exc:
-            found.append((directory, exc))
-    return found
+    return [(directory, _manifest_or_error(directory))
+            for directory in sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists())]
+
+
+def _manifest_or_error(directory: Path) -> object:
+    from cache import CacheError, load_manifest
+
+    try:
+        return load_manifest(directory)
+    except CacheError as exc:
+        return exc
 
 
 def _dir_bytes(directory: Path) -> int:
@@ -302,8 +312,13 @@ def _run_cache_keys(record: object) -> set[str]:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    """`cache gc`: remove unreferenced complete caches, stale incomplete builds and dead temp files."""
+    """`cache gc`: remove unreferenced complete caches, stale incomplete builds and dead temp files.
+
+    Each cache is examined and removed under its exclusive lock, taken without waiting: a cache that a
+    build, a training run or a reader holds is skipped.
+    """
     from cache.atomic import TEMP_PREFIX
+    from cache.lock import LOCK_NAME, lock_cache
 
     runs_dirs = args.runs or [Path("runs")]
     existing = [d for d in runs_dirs if d.is_dir()]
@@ -313,8 +328,16 @@ def cmd_gc(args: argparse.Namespace) -> int:
     keep = referenced_keys(existing)
     now = time.time()
     removals: list[tuple[Path, str]] = []
+    locks = []  # held until the removals are done
     kept = 0
-    for directory, manifest in _scan(args.root):
+    for directory, _ in _scan(args.root):
+        lock = lock_cache(directory, exclusive=True, wait=False)
+        if lock is None:
+            print(f"skip {directory.name}: in use (a build, training run or reader holds {directory / LOCK_NAME})")
+            kept += 1
+            continue
+        locks.append(lock)
+        manifest = _manifest_or_error(directory)  # as it is now, under the lock
         if isinstance(manifest, Exception):
             print(f"skip {directory.name}: {manifest}")
             continue
@@ -329,16 +352,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
             continue
         else:
             kept += 1
-        for temp in directory.glob(f"{TEMP_PREFIX}*"):
-            if now - temp.stat().st_mtime > STALE_TEMP_SECONDS:
-                removals.append((temp, "stale temporary file of a dead writer"))
+        for temp in directory.glob(f"{TEMP_PREFIX}*"):  # under the exclusive lock no writer is alive
+            removals.append((temp, "temporary file of a dead writer"))
     freed = 0
-    for path, reason in removals:
-        size = _dir_bytes(path) if path.is_dir() else path.stat().st_size
-        freed += size
-        print(f"{'would remove' if args.dry_run else 'remove'} {path} ({size / 2**20:.1f} MiB): {reason}")
-        if not args.dry_run:
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    try:
+        for path, reason in removals:
+            size = _dir_bytes(path) if path.is_dir() else path.stat().st_size
+            freed += size
+            print(f"{'would remove' if args.dry_run else 'remove'} {path} ({size / 2**20:.1f} MiB): {reason}")
+            if args.dry_run:
+                continue
+            if path.is_dir():  # renamed first: a build waiting on its lock starts afresh, never inside it
+                trash = path.with_name(f"{TEMP_PREFIX}gc-{path.name}.{os.getpid()}")
+                path.rename(trash)
+                shutil.rmtree(trash)
+            else:
+                path.unlink(missing_ok=True)
+    finally:
+        for lock in locks:
+            lock.release()
     verb = "would free" if args.dry_run else "freed"
     print(f"{verb} {freed / 2**20:.1f} MiB; kept {kept} cache(s) ({len(keep)} key(s) referenced by runs)")
     return 0

@@ -25,13 +25,19 @@ WORDS = ("the cat sat on a mat and then it ran far away from home to see what wo
          "every small bird sang loud songs about rivers mountains clouds and quiet evening light").split()
 
 
-def write_conversations(path: Path, count: int, *, seed: int = 0, reply_words=(150, 350), bad_row_at=None) -> Path:
-    """JSONL of `count` user/assistant conversations of random words (plus one malformed line if asked)."""
+def write_conversations(path: Path, count: int, *, seed: int = 0, reply_words=(150, 350), bad_row_at=None,
+                        long_prompt_at=None) -> Path:
+    """JSONL of `count` user/assistant conversations of random words (plus, if asked, one malformed line and
+    one conversation whose prompt is too long for any assistant token to fit in 512 tokens)."""
     rng = random.Random(seed)
     lines = []
     for i in range(count):
         if i == bad_row_at:
             lines.append('{"id": "broken", "messages": [')
+        if i == long_prompt_at:
+            lines.append(json.dumps({"id": "long", "messages": [
+                {"role": "user", "content": " ".join(rng.choices(WORDS, k=700))},
+                {"role": "assistant", "content": "never seen"}]}))
         user = " ".join(rng.choices(WORDS, k=rng.randint(5, 40)))
         reply = " ".join(rng.choices(WORDS, k=rng.randint(*reply_words)))
         lines.append(json.dumps({"id": f"s{i}", "messages": [{"role": "user", "content": user},
@@ -54,16 +60,23 @@ def cache_files(cache_dir: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_conversations(tmp_path_factory.mktemp("data") / "chat.jsonl", 24, bad_row_at=5)
+    return write_conversations(tmp_path_factory.mktemp("data") / "chat.jsonl", 24, bad_row_at=5, long_prompt_at=9)
 
 
 @pytest.fixture(scope="module")
-def reference(ray_address, tiny_llama_dir, dataset, tmp_path_factory):
-    """An uninterrupted build that the fault-tolerance tests must reproduce byte for byte."""
-    return run_build(tiny_config(tiny_llama_dir, dataset, tmp_path_factory.mktemp("reference")))
+def reference_build(ray_address, tiny_llama_dir, dataset, tmp_path_factory):
+    """An uninterrupted build that the fault-tolerance tests must reproduce byte for byte, and its log."""
+    log: list[str] = []
+    return run_build(tiny_config(tiny_llama_dir, dataset, tmp_path_factory.mktemp("reference")), log=log.append), log
 
 
-def test_build_on_ray_writes_a_verified_cache_and_reuses_it(reference, tiny_llama_dir, dataset):
+@pytest.fixture(scope="module")
+def reference(reference_build):
+    return reference_build[0]
+
+
+def test_build_on_ray_writes_a_verified_cache_and_reuses_it(reference_build, tiny_llama_dir, dataset):
+    reference, log = reference_build
     from transformers import AutoTokenizer
 
     from pipeline.chat import tokenize_conversation
@@ -90,7 +103,11 @@ def test_build_on_ray_writes_a_verified_cache_and_reuses_it(reference, tiny_llam
 
     stats = json.loads((reference.path / "stats.json").read_text())
     assert stats["sequences"] == 24 and stats["positions"] == manifest["num_positions"]
-    assert stats["skipped"]["reasons"] == {"malformed JSON": 1} and "chat.jsonl:6" in stats["skipped"]["examples"][0]
+    dropped = "no assistant token within --max-length 512"
+    assert stats["skipped"]["reasons"] == {"malformed JSON": 1, dropped: 1}
+    assert "chat.jsonl:6" in stats["skipped"]["examples"][0]
+    assert f"left out 2 row(s) (malformed JSON: 1; {dropped}: 1)" in log[-2]  # printed, not only in stats.json
+    assert log[-1].startswith(f"built cache {reference.key}") and "24 sequences" in log[-1]
     assert stats["bytes"]["total"] == sum(len(b) for n, b in cache_files(reference.path).items() if n.endswith(".arrow"))
     assert stats["shards"] == {"planned": 12, "computed_this_run": 12, "already_committed": 0}
 
@@ -153,6 +170,38 @@ def test_a_killed_driver_resumes_to_a_byte_identical_cache(reference, tiny_llama
     resumed = run_build(tiny_config(tiny_llama_dir, dataset, tmp_path))
     assert resumed.stats["shards"]["already_committed"] >= 2
     assert cache_files(resumed.path) == cache_files(reference.path)
+
+
+def test_two_concurrent_builds_do_the_work_once(reference, tiny_llama_dir, dataset, tmp_path):
+    from cache import lock_cache
+
+    cache_dir = tmp_path / reference.key
+    other_writer = lock_cache(cache_dir, exclusive=True)  # e.g. a build of another process, mid-shard
+    in_flight = cache_dir / ".tmp-shard-00000.arrow.999.beef"
+    in_flight.write_bytes(b"being written")
+    logs: list[list[str]] = [[], []]
+    outcomes: list = [None, None]
+
+    def build(i: int) -> None:
+        outcomes[i] = run_build(tiny_config(tiny_llama_dir, dataset, tmp_path), log=logs[i].append)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while not all(logs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = f"waiting for another build of cache {reference.key} to release {cache_dir / '.lock'}"
+    assert logs == [[waiting], [waiting]] and in_flight.exists()  # both wait; nobody touched the temp file
+    other_writer.release()  # the other writer died: its temp file is garbage now
+    for thread in threads:
+        thread.join(timeout=300)
+    built = [o for o in outcomes if o is not None and not o.reused]
+    reused = [o for o in outcomes if o is not None and o.reused]
+    assert len(built) == len(reused) == 1, logs
+    assert built[0].stats["shards"]["computed_this_run"] == 12 and reused[0].path == built[0].path
+    assert [sum(line.startswith("waiting") for line in log) for log in logs] == [1, 1]  # one message each
+    assert not in_flight.exists() and cache_files(built[0].path) == cache_files(reference.path)
 
 
 def test_real_smollm2_topk_matches_an_independent_forward(smollm2_path, ray_address, tmp_path):
@@ -232,7 +281,7 @@ def test_nan_logits_stop_the_build_naming_the_sample(ray_address, tiny_llama_dir
     with pytest.raises(BuildError, match="NaN or inf logits for sample 's0'"):
         run_build(config)
     (cache_dir,) = (tmp_path / "caches").iterdir()
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["manifest.json"]  # nothing half-written
+    assert sorted(p.name for p in cache_dir.iterdir()) == [".lock", "manifest.json"]  # nothing half-written
 
 
 def test_a_full_disk_fails_cleanly_and_leaves_nothing_a_reader_accepts(ray_address, tiny_llama_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cache import CacheWriter, content_key, create_manifest
+from cache import CacheWriter, content_key, create_manifest, lock_cache, open_cache
 from cache.synthetic import synthetic_records
 from pipeline.cli import main
 
@@ -53,9 +53,9 @@ def test_gc_removes_unreferenced_and_stale_caches_and_dead_temp_files(tmp_path, 
     age(stale_partial / "manifest.json", 48)
     dead_temp = used / ".tmp-shard-00009.arrow.123.abcd"
     dead_temp.write_bytes(b"torn")
-    age(dead_temp, 2)
     live_temp = fresh_partial / ".tmp-shard-00001.arrow.456.ef01"
     live_temp.write_bytes(b"being written")
+    build = lock_cache(fresh_partial, exclusive=True)  # a build in progress
     also_used = make_cache(root, "also-used")
     (runs / "sweep" / "kl").mkdir(parents=True)
     (runs / "sweep" / "kl" / "run.json").write_text(json.dumps({"cache_key": used.name}))
@@ -68,9 +68,62 @@ def test_gc_removes_unreferenced_and_stale_caches_and_dead_temp_files(tmp_path, 
     assert main(["cache", "gc", str(root), "--runs", str(runs)]) == 0
     out = capsys.readouterr().out
     assert sorted(p.name for p in root.iterdir()) == sorted([used.name, also_used.name, fresh_partial.name])
-    assert not dead_temp.exists() and live_temp.exists()
-    assert "no run references it" in out and "untouched for" in out and "stale temporary file" in out
+    assert not dead_temp.exists() and live_temp.exists()  # the build's in-flight file survives
+    assert "no run references it" in out and "untouched for" in out and "temporary file of a dead writer" in out
+    assert f"skip {fresh_partial.name}: in use" in out and str(fresh_partial / ".lock") in out
+    build.release()
     assert main(["cache", "verify", str(used)]) == 0
+
+
+def test_gc_skips_a_cache_that_a_reader_holds_open(tmp_path, capsys):
+    root, runs = tmp_path / "caches", tmp_path / "runs"
+    runs.mkdir()
+    unused = make_cache(root, "unused")
+    reader = open_cache(unused)  # a training run reading it: holds the shared lock
+    assert main(["cache", "gc", str(root), "--runs", str(runs)]) == 0
+    assert f"skip {unused.name}: in use" in capsys.readouterr().out
+    assert len(list(reader.iter_sequences())) == 6
+    reader.close()
+    assert main(["cache", "gc", str(root), "--runs", str(runs)]) == 0
+    assert "no run references it" in capsys.readouterr().out and not unused.exists()
+    assert list(root.iterdir()) == []  # the renamed-away copy is gone too
+
+
+def _lie(cache: Path, edit) -> None:
+    """Rewrite the manifest with `edit` applied, as a user or a buggy tool might."""
+    data = json.loads((cache / "manifest.json").read_text())
+    edit(data)
+    (cache / "manifest.json").write_text(json.dumps(data))
+
+
+def _drop_last_shard(data: dict) -> None:
+    dropped = data["shards"].pop()
+    data["num_sequences"] -= dropped["num_sequences"]
+    data["num_positions"] -= dropped["num_positions"]
+
+
+def _undercount_shard_0(data: dict) -> None:
+    data["shards"][0]["num_sequences"] -= 1
+    data["num_sequences"] -= 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop_last_shard, "complete is true but shards lists 1 of the num_shards_planned=2 shards (missing [1])"),
+    (_undercount_shard_0, "holds 3 sequences / "),
+])
+def test_a_lying_manifest_fails_verify_and_train_refuses_it_before_ray(tmp_path, capsys, edit, message):
+    import ray
+
+    cache = make_cache(tmp_path / "caches", "lie")
+    _lie(cache, edit)
+    assert main(["cache", "verify", str(cache)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL ") and message in out and "1 problem(s)" in out
+    was_running = ray.is_initialized()
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "runs"), "--drafter", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert ray.is_initialized() == was_running and not (tmp_path / "runs").exists()
 
 
 def test_gc_refuses_to_run_without_a_runs_directory(tmp_path, capsys, monkeypatch):
