@@ -6,8 +6,9 @@ Figures (DESIGN.md §10):
   * bytes per top-k entry and per trained position at k in {8, 32, 64, 128} (goal <= 2.5 B/entry at
     k=64; naive int32 id + fp16 log-prob = 6 B/entry), from the model's exact top-128 sliced to k;
   * build throughput / bare target forward throughput on the same model, dtype and batches (goal
-    >= 0.90): per batch, interleaved, the bare `model(input_ids).logits` against the worker's full job
-    (forward, lm_head at trained positions, fp32 log_softmax + top-k, shard encode + atomic commit);
+    >= 0.90): per batch, interleaved, the bare forward (`pipeline.target_worker.bare_forward`: the
+    backbone and the LM head at the trained positions only, the honest limit) against the worker's
+    full job (that, plus top-k and log-sum-exp in fp32, copies to the host, shard encode + commit);
     then the real Ray build (`pipeline.build`, one worker with every core) against the same bare rate;
   * reader decode throughput in trained positions per second.
 """
@@ -36,6 +37,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
+from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
+
 KS = (8, 32, 64, 128)
 NAIVE_BYTES_PER_ENTRY = 6  # int32 id + fp16 log-prob
 
@@ -61,11 +64,9 @@ def select_conversations(count: int, max_length: int, tokenizer):
 
 
 def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> dict:
-    """Interleaved per batch: bare forward (full logits) vs the worker's job; plus shard encode + commit."""
-    import torch
-
+    """Interleaved per batch: bare forward (LM head at trained positions) vs the worker's job; plus encode + commit."""
     from cache import CacheWriter, SequenceRecord
-    from pipeline.target_worker import pad_batch, plan_batches, target_topk
+    from pipeline.target_worker import bare_forward, plan_batches, target_topk
 
     bare_s = topk_s = write_s = 0.0
     tokens = 0
@@ -75,10 +76,8 @@ def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> 
             records = [None] * len(shard)
             for batch in plan_batches([len(s.input_ids) for s in shard], token_budget):
                 samples = [shard[i] for i in batch]
-                input_ids, attention = pad_batch(samples)
                 start = time.perf_counter()
-                with torch.inference_mode():
-                    model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
+                bare_forward(model, samples)
                 middle = time.perf_counter()
                 outputs = target_topk(model, samples, k)
                 topk_s += time.perf_counter() - middle
@@ -95,7 +94,7 @@ def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> 
             "ratio": bare_s / (topk_s + write_s)}
 
 
-def ray_build(conversations, args, directory: Path) -> dict:
+def ray_build(conversations, args, dtype: str, directory: Path) -> dict:
     """The real pipeline on a local Ray cluster: one TargetWorker with every core, same batches."""
     from pipeline.build import BuildConfig, run_build
 
@@ -103,7 +102,7 @@ def ray_build(conversations, args, directory: Path) -> dict:
     data.write_text("".join(json.dumps({"id": c.sample_id, "messages": list(c.messages)}) + "\n"
                             for c in conversations))
     config = BuildConfig(target="smollm2-135m", data=str(data), out=directory / "caches", k=64,
-                         max_length=args.max_length, workers=1, threads=args.threads, dtype=args.dtype,
+                         max_length=args.max_length, workers=1, threads=args.threads, dtype=dtype,
                          shard_size=args.shard_size, token_budget=args.token_budget, progress=False)
     stats = run_build(config, log=lambda message: None).stats
     return {"tokens": stats["tokens_this_run"], "worker_seconds": stats["worker_seconds"],
@@ -133,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=48)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    add_precision_arguments(parser)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--token-budget", type=int, default=8192)
@@ -146,15 +145,17 @@ def main() -> None:
 
     from pipeline.models import load_model, resolve_model
 
+    precision = precision_from_args(parser, args, "cpu")
+    dtype = precision["dtype"]
     torch.set_num_threads(args.threads)
     target = resolve_model("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(target.path)
-    model = load_model(target.path, dtype=args.dtype)
+    model = load_model(target.path, dtype=dtype)
     vocab_size = model.config.vocab_size
     conversations, samples = select_conversations(args.conversations, args.max_length, tokenizer)
     shards = [samples[i:i + args.shard_size] for i in range(0, len(samples), args.shard_size)]
     positions = sum(int(s.loss_mask[1:].sum()) for s in samples)
-    print(f"SmolLM2-135M-Instruct {args.dtype}, {args.threads} threads; {len(samples)} ShareGPT conversations, "
+    print(f"SmolLM2-135M-Instruct {dtype}, {args.threads} threads; {len(samples)} ShareGPT conversations, "
           f"{sum(len(s.input_ids) for s in samples)} tokens, {positions} trained positions (max length "
           f"{args.max_length})", flush=True)
 
@@ -165,7 +166,7 @@ def main() -> None:
     if not args.no_ray:
         del model  # the Ray worker loads its own copy
         with tempfile.TemporaryDirectory() as directory:
-            end_to_end = ray_build(conversations, args, Path(directory))
+            end_to_end = ray_build(conversations, args, dtype, Path(directory))
         end_to_end["ratio_to_bare"] = end_to_end["worker_tokens_per_s"] / throughput["bare_tokens_per_s"]
 
     print(f"\n{'k':>4} {'top-k B/entry':>13} {'core B/entry':>12} {'core B/pos':>10} {'naive B/pos':>11} "
@@ -175,7 +176,7 @@ def main() -> None:
               f"{row['core_bytes_per_position']:>10.1f} {row['naive_bytes_per_position']:>11} "
               f"{tail[row['k']]:>9.3f} {row['decode_positions_per_s']:>12,.0f}")
     print("  (core = everything stored: input ids, loss mask, top-k ids and log-probs; goal <= 2.5 B/entry at k=64)")
-    print(f"\nbare forward (full logits)      {throughput['bare_tokens_per_s']:>9,.0f} tok/s")
+    print(f"\nbare forward (trained LM head)  {throughput['bare_tokens_per_s']:>9,.0f} tok/s")
     print(f"worker job (top-k 64 + commit)  {throughput['build_tokens_per_s']:>9,.0f} tok/s   "
           f"ratio {throughput['ratio']:.3f} (goal >= 0.90)")
     if end_to_end:
@@ -185,7 +186,7 @@ def main() -> None:
               f"({end_to_end['wall_seconds']:.1f} s for {end_to_end['tokens']} tokens)")
 
     result = {
-        "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized)", "dtype": args.dtype,
+        "model": "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized)", "dtype": dtype, "precision": precision,
         "threads": args.threads, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "data": {"dataset": "sharegpt", "conversations": len(samples), "max_length": args.max_length,
                  "tokens": sum(len(s.input_ids) for s in samples), "trained_positions": positions},

@@ -31,6 +31,7 @@ from eval import load_drafter  # noqa: E402
 from trainer.drafters import family_of_model  # noqa: E402
 from pipeline.bench_job import encode_chat  # noqa: E402
 from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
+from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 
 def build_layer_drafter(target_path: Path, layers: int = 2) -> Path:
@@ -130,9 +131,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    add_precision_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
     args = parser.parse_args()
+    precision = precision_from_args(parser, args, "cpu")
+    args.dtype = precision["dtype"]  # fp32 or bf16 from here on
 
     torch.set_num_threads(args.threads)
     target_path = resolve_model(args.target).path
@@ -207,7 +210,7 @@ def main() -> None:
         "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k,
         "drafter_kind": drafter_kind,
         "temperature": 0.0, "bench": args.bench, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
+        "dtype": args.dtype, "precision": precision, "threads": args.threads, "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "rows": rows,
         "ours_over_hf_tokens_per_s": ratio, "ours_over_hf_tokens_per_cpu_s": cpu_ratio,
     }

@@ -1,4 +1,4 @@
-"""Device check of lkspec's GPU paths, without Ray: cache build, bf16 training, losses, speculative decoding.
+"""Device check of lkspec's GPU paths, without Ray: cache build, training, losses, speculative decoding.
 
     python bench/gpu_check.py --device cuda --out $OUT            # a GPU machine (a few minutes on an H200)
     python bench/gpu_check.py --device cpu --quick --out /tmp/gc  # the same logic, small shapes, on a CPU
@@ -8,7 +8,10 @@ and the `tiny` drafter preset: no weights travel. Each part is timed and guarded
 recorded with its traceback and the next part still runs. Results go to OUT/gpu_check.json and a
 table on stdout.
 
-1. build: `TargetWorker.run_shard` (the cache build's worker path: bf16, k=64, EAGLE-3 aux features)
+Every part runs in --dtype (default auto: bf16 on a GPU with bf16; on a CPU bf16 only with AVX-512
+BF16 or AMX, and an emulated bf16 is refused unless --allow-emulated-bf16).
+
+1. build: `TargetWorker.run_shard` (the cache build's worker path: k=64, EAGLE-3 aux features)
    over random token batches, shards written with CacheWriter and read back with open_cache;
    positions/s of `target_topk` and of the bare target forward (full logits) on the same batch, and
    top-1 agreement of the stored top-k with that forward's fp32 log_softmax.
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from trainer.precision import add_precision_arguments, precision_from_args, torch_dtype  # noqa: E402
 
 # (model_type, layers, hidden, heads, kv_heads, intermediate, vocab): the real models' shapes
 SHAPES = {
@@ -75,8 +81,8 @@ def median_time(fn, device: str, repeats: int) -> float:
     return statistics.median(times)
 
 
-def random_model(shape: tuple, device: str, seed: int = 0):
-    """A bf16 random-weight causal LM of the given shape, built on `device` from its config."""
+def random_model(shape: tuple, device: str, dtype: str, seed: int = 0):
+    """A random-weight causal LM of the given shape in `dtype`, built on `device` from its config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, layers, hidden, heads, kv_heads, intermediate, vocab = shape
@@ -87,11 +93,11 @@ def random_model(shape: tuple, device: str, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
-    return model.to(torch.bfloat16).eval()
+    return model.to(torch_dtype(dtype)).eval()
 
 
-def tiny_drafter(vocab: int, device: str):
-    """The `tiny` drafter preset (the trainer's default drafter) as a bf16 HF causal LM on `device`."""
+def tiny_drafter(vocab: int, device: str, dtype: str):
+    """The `tiny` drafter preset (the trainer's default drafter) as a HF causal LM in `dtype` on `device`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.drafters import resolve_drafter_spec
@@ -101,7 +107,7 @@ def tiny_drafter(vocab: int, device: str):
     torch.manual_seed(1)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**spec.hf_config))
-    return model.to(torch.bfloat16).eval()
+    return model.to(torch_dtype(dtype)).eval()
 
 
 def peak_gib(device: str) -> float | None:
@@ -132,47 +138,49 @@ def random_samples(count: int, length: int, vocab: int, seed: int, prefix: str) 
 def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
     """Worker-path shards + read-back check + build ÷ bare-forward throughput on one batch."""
     from cache import CacheWriter, content_key, create_manifest, open_cache
-    from pipeline.target_worker import ShardTask, TargetWorker, WorkerSpec, aux_layers, pad_batch, target_topk
+    from pipeline.target_worker import (SHARDS_IN_FLIGHT, ShardTask, TargetWorker, WorkerSpec, aux_layers,
+                                        bare_forward, target_topk)
 
     device = args.device
     layers, hidden, vocab = shape[1], shape[2], shape[6]
     batch, length = args.batch, args.length
     model_dir, cache_dir = workdir / f"{name}-model", workdir / f"{name}-cache"
     started = time.perf_counter()
-    random_model(shape, device).save_pretrained(model_dir, safe_serialization=True)
+    random_model(shape, device, args.dtype).save_pretrained(model_dir, safe_serialization=True)
     reset_peak(device)
     aux = aux_layers(layers)
-    spec = WorkerSpec(model_path=str(model_dir), dtype="bf16", cache_dir=str(cache_dir), k=K, vocab_size=vocab,
+    spec = WorkerSpec(model_path=str(model_dir), dtype=args.dtype, cache_dir=str(cache_dir), k=K, vocab_size=vocab,
                       features=("aux",), feature_dims={"aux": 3 * hidden}, aux_layers=aux,
                       token_budget=batch * length, threads=min(8, os.cpu_count() or 1), device=device)
     identity = {"gpu_check": name, "shape": list(shape), "k": K}
     manifest = create_manifest(cache_dir, key=content_key(identity), identity=identity, k=K, vocab_size=vocab,
                                tokenizer_sha256="0" * 64, features={"aux": {"dim": 3 * hidden, "layers": list(aux)}},
-                               num_shards_planned=3)
+                               num_shards_planned=args.shards + 1)
     load_started = time.perf_counter()
     worker = TargetWorker(spec)
     load_s = time.perf_counter() - load_started
     model = worker.model
-    shard_samples = [random_samples(2 * batch, length, vocab, seed=s, prefix=f"shard{s}") for s in range(2)]
+    shard_samples = [random_samples(2 * batch, length, vocab, seed=s, prefix=f"shard{s}") for s in range(args.shards)]
     target_topk(model, shard_samples[0][:batch], K, ("aux",), aux)  # warm-up: kernels, cuBLAS handles
+    worker.run_shard(ShardTask(args.shards + 1, tuple(shard_samples[0][:batch])))  # warm-up of the write path
 
-    shard_runs = []
-    for index, samples in enumerate(shard_samples):  # the worker path: two batches per shard, then commit
-        result = worker.run_shard(ShardTask(index, tuple(samples)))
+    # the worker path as its Ray actor runs it: SHARDS_IN_FLIGHT shards at once, two batches per shard,
+    # encoding and commit of one shard alongside the next one's forward
+    sync(device)
+    worker_started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=SHARDS_IN_FLIGHT) as pool:
+        results = list(pool.map(worker.run_shard, [ShardTask(i, tuple(s)) for i, s in enumerate(shard_samples)]))
+    worker_wall = time.perf_counter() - worker_started
+    for result in results:
         manifest.record_shard(result["info"])
-        positions = sum(int(s.loss_mask[1:].sum()) for s in samples)
-        shard_runs.append({"seconds": result["seconds"], "positions_per_s": positions / result["seconds"]})
+    shard_runs = [{"seconds": r["seconds"], "compute_s": r["compute_seconds"], "write_s": r["write_seconds"]}
+                  for r in results]
+    worker_positions = sum(int(s.loss_mask[1:].sum()) for samples in shard_samples for s in samples)
 
     one_batch = shard_samples[1][:batch]
-    input_ids, attention = (t.to(device) for t in pad_batch(one_batch))
     positions = sum(int(s.loss_mask[1:].sum()) for s in one_batch)
-
-    def bare_forward():
-        with torch.inference_mode():
-            return model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits
-
-    times = {
-        "bare_forward_s": median_time(bare_forward, device, args.repeats),
+    times = {  # the honest limit: backbone + LM head at the trained positions only
+        "bare_forward_s": median_time(lambda: bare_forward(model, one_batch), device, args.repeats),
         "topk_s": median_time(lambda: target_topk(model, one_batch, K), device, args.repeats),
         "topk_aux_s": median_time(lambda: target_topk(model, one_batch, K, ("aux",), aux), device, args.repeats),
     }
@@ -197,13 +205,13 @@ def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
                         / max(1.0, float(np.abs(f["aux"]).max())))
                   for s, (_, _, f) in zip(one_batch, computed))
 
-    # independent reference: the bare forward's full logits, fp32 log_softmax, top-k at the trained positions
+    # independent reference: the full model's logits, fp32 log_softmax, top-k at the trained positions
     with torch.inference_mode():
-        logits = bare_forward()
         agree, lp_diff, total = 0, 0.0, 0
-        for b, sample in enumerate(one_batch):
+        for sample in one_batch:
+            logits = model(input_ids=torch.from_numpy(sample.input_ids.astype(np.int64))[None].to(device)).logits[0]
             cols = torch.from_numpy(np.flatnonzero(sample.loss_mask[1:])).to(device)
-            ref_lp, ref_ids = torch.log_softmax(logits[b, cols].float(), dim=-1).topk(K, dim=-1)
+            ref_lp, ref_ids = torch.log_softmax(logits[cols].float(), dim=-1).topk(K, dim=-1)
             row = stored[sample.sample_id] if sample.sample_id in stored else stored[f"direct:{sample.sample_id}"]
             mine = torch.from_numpy(row.topk_ids[:, 0].astype(np.int64)).to(device)
             agree += int((mine == ref_ids[:, 0]).sum())
@@ -225,7 +233,9 @@ def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
         "build_vs_forward": times["bare_forward_s"] / times["topk_s"],  # same batch: throughput ratio
         "build_aux_vs_forward": times["bare_forward_s"] / times["topk_aux_s"],
         "worker_shards": shard_runs,
-        "worker_vs_forward": shard_runs[-1]["positions_per_s"] / (positions / times["bare_forward_s"]),
+        "worker_wall_s": worker_wall,
+        # host encoding and commit included: the whole worker path over the shards vs the bare rate
+        "worker_vs_forward": (worker_positions / worker_wall) / (positions / times["bare_forward_s"]),
         "readback": {"verify_problems": problems, "topk_ids_equal": ids_equal, "max_logprob_err": logprob_err,
                      "max_aux_rel_err": aux_err},
         "vs_full_forward": {"top1_agreement": agree / total, "max_top1_logprob_diff": lp_diff},
@@ -235,6 +245,52 @@ def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
         "cache_dir": str(cache_dir),
         "wall_s": time.perf_counter() - started,
     }
+
+
+def check_syncs(args) -> dict:
+    """CUDA host synchronizations in one build batch (launch_topk) and one KL / LK^λ loss step (torch's sync debug mode)."""
+    import warnings
+
+    from pipeline.target_worker import launch_topk
+    from trainer.losses import SparseTarget, compute_loss
+
+    if args.device != "cuda":
+        return {"ok": True, "skipped": "torch counts synchronizations on CUDA only; on a CPU, "
+                                       "tests/trainer/test_losses_sync.py counts the losses' host reads"}
+    shape = (QUICK_SHAPES if args.quick else SHAPES)["smollm2-135m"]
+    model = random_model(shape, "cuda", args.dtype)
+    samples = random_samples(args.batch, args.length, shape[6], seed=9, prefix="sync")
+    launch_topk(model, samples, K).result()  # warm-up
+
+    def sites(fn) -> list[str]:
+        """file:line of every synchronizing CUDA call fn makes."""
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+    build = sites(lambda: launch_topk(model, samples, K))
+    n, vocab = args.loss_n, shape[6]
+    logits = torch.randn(n, vocab, device="cuda", dtype=torch_dtype(args.dtype), requires_grad=True)
+    ids = torch.rand(n, vocab, device="cuda").topk(K, dim=-1).indices
+    logprobs = torch.log_softmax(torch.randn(n, vocab, device="cuda"), -1).gather(1, ids).sort(-1, True).values
+
+    def step(loss: str):
+        logits.grad = None
+        compute_loss(loss, logits, SparseTarget(ids, logprobs)).loss.backward()
+
+    losses = {}
+    for loss in ("kl", "lk_lambda"):
+        step(loss)
+        losses[loss] = sites(lambda: step(loss))
+    return {"ok": True, "build_batch_syncs": len(build), "build_sync_sites": sorted(set(build)),
+            "loss_step_syncs": {loss: len(found) for loss, found in losses.items()},
+            "loss_sync_sites": {loss: sorted(set(found)) for loss, found in losses.items()}}
 
 
 # ---------------------------------------------------------------------------------- 2. training
@@ -253,7 +309,8 @@ def run_plan(cache_dir: str, runs_dir: Path, loss: str, args):
     from trainer.drafters import resolve_drafter_spec
 
     config = TrainConfig(cache=cache_dir, out=str(runs_dir), loss=loss, drafter="tiny", run_name=loss,
-                         steps=args.train_steps, workers=1, zero=2, warmup=5, batch_tokens=args.batch * args.length,
+                         steps=args.train_steps, workers=1, zero=2, dtype=args.dtype, warmup=5,
+                         batch_tokens=args.batch * args.length,
                          eval_sequences=8, eval_every=0, checkpoint_every=0, prefetch_batches=4)
     config.validate()
     reader = open_cache(cache_dir)
@@ -338,7 +395,7 @@ def check_losses(args) -> dict:
     rows = {}
     for target in ("topk", "dense"):
         made.clear()
-        common = dict(v=args.loss_vocab, n=args.loss_n, target=target, k=K, dtype="bf16", device=args.device,
+        common = dict(v=args.loss_vocab, n=args.loss_n, target=target, k=K, dtype=args.dtype, device=args.device,
                       tail="bucket")
         timing = bench.child_time(SimpleNamespace(**common, losses=list(BENCH_LOSSES), repeats=args.repeats))
         for loss in BENCH_LOSSES:
@@ -356,8 +413,8 @@ def check_decode(args) -> dict:
 
     device = args.device
     shape = (QUICK_SHAPES if args.quick else SHAPES)["smollm2-135m"]
-    target = random_model(shape, device)
-    drafters = {"self": copy.deepcopy(target), "tiny": tiny_drafter(shape[6], device)}
+    target = random_model(shape, device, args.dtype)
+    drafters = {"self": copy.deepcopy(target), "tiny": tiny_drafter(shape[6], device, args.dtype)}
     prompt = torch.randint(3, shape[6], (32,), generator=torch.Generator().manual_seed(0)).to(device)
     new = args.new_tokens
 
@@ -444,13 +501,15 @@ def fmt(value, digits: int = 2) -> str:
 
 def table(report: dict) -> str:
     """The headline numbers as Markdown."""
-    lines = [f"# gpu_check on {report['device_name']} ({report['device']}, torch {report['torch']})", ""]
+    lines = [f"# gpu_check on {report['device_name']} ({report['device']}, torch {report['torch']}, "
+             f"{report['precision']['dtype']})", ""]
     parts = report["parts"]
     for name, part in parts.items():
         if not part.get("ok"):
             lines.append(f"**{name}: FAILED** {part.get('error', '')[:300]}")
-    lines += ["", "| build | fwd tok/s | topk pos/s | topk+aux pos/s | build÷fwd | +aux ÷fwd | worker÷fwd | "
-                  "top-1 agree | B/pos |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| build (bare = backbone + LM head at trained positions) | bare tok/s | topk pos/s | topk+aux pos/s | "
+                  "build÷bare | +aux ÷bare | worker (aux, host encode, 2 shards in flight) ÷bare | top-1 agree | B/pos |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name in SHAPES:
         p = parts.get(f"build {name}", {})
         if "build_vs_forward" in p:
@@ -459,6 +518,11 @@ def table(report: dict) -> str:
                          f"{fmt(p['build_aux_vs_forward'])} | {fmt(p['worker_vs_forward'])} | "
                          f"{fmt(p['vs_full_forward']['top1_agreement'], 4)} | "
                          f"{fmt(p['cache_bytes_per_position'], 1)} |")
+    syncs = parts.get("syncs", {})
+    if "loss_step_syncs" in syncs:
+        lines += ["", f"CUDA synchronizations: one build batch {syncs['build_batch_syncs']} "
+                      f"({', '.join(syncs['build_sync_sites']) or 'none'}); one loss step "
+                      + ", ".join(f"{loss} {count}" for loss, count in syncs["loss_step_syncs"].items())]
     train = parts.get("train", {})
     if "runs" in train:
         lines += ["", "| train loss | step s | ÷ KL | step wall s | ÷ KL | tok/s | peak GiB | dtype | "
@@ -493,14 +557,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--quick", action="store_true", help="small shapes and few steps (a CPU check of the logic)")
-    parser.add_argument("--parts", default="build,train,losses,decode", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="build,syncs,train,losses",
+                        help="comma-separated subset of build,syncs,train,losses,decode (the default fits 8 minutes "
+                             "on one H200)")
+    add_precision_arguments(parser)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
+    precision = precision_from_args(parser, args, args.device)
+    args.dtype = precision["dtype"]  # fp32 or bf16 from here on
     quick = args.quick
     args.batch, args.length = (4, 64) if quick else (16, 512)  # one token-budget batch: 8192 tokens
     args.repeats = 2 if quick else 5
-    args.train_steps, args.skip_steps = (6, 2) if quick else (30, 5)
+    args.train_steps, args.skip_steps = (6, 2) if quick else (40, 10)  # steady-state medians, warm-up skipped
+    args.shards = 3 if quick else 6
     args.loss_n, args.loss_vocab = (256, 49152) if quick else (8192, 151936)
     args.new_tokens = 16 if quick else 64
     args.draft_k = (4,) if quick else (4, 7)
@@ -508,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(os.cpu_count() or 1)
     wanted = set(args.parts.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    report = {"device": args.device, "quick": quick, "torch": torch.__version__,
+    report = {"device": args.device, "quick": quick, "torch": torch.__version__, "precision": precision,
               "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "parts": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lkspec-gpu-check-") as tmp:
@@ -517,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         if "build" in wanted:
             for name, shape in shapes.items():
                 guarded(f"build {name}", lambda: check_build(name, shape, args, workdir), report, args)
+        if "syncs" in wanted:
+            guarded("syncs", lambda: check_syncs(args), report, args)
         if "train" in wanted:
             cache_dir = report["parts"].get("build smollm2-135m", {}).get("cache_dir")
             if cache_dir:

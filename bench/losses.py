@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
+
 LOSSES = ("kl", "tv", "lk_alpha", "lk_lambda")
 
 
@@ -46,8 +48,9 @@ def _inputs(v: int, n: int, target: str, k: int, dtype: str, device: str, seed: 
     import torch
 
     from trainer.losses import DenseTarget, SparseTarget
+    from trainer.precision import torch_dtype
 
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dt = torch_dtype(dtype)
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = (torch.randn(n, v, generator=g) * 2.0).to(device=device, dtype=dt).requires_grad_()
     target_logits = (torch.randn(n, v, generator=g) * 3.0).to(device=device, dtype=dt)
@@ -157,7 +160,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64, help="top-k of the sparse target")
     ap.add_argument("--targets", nargs="+", default=["dense", "topk"], choices=["dense", "topk"])
     ap.add_argument("--tail", default="bucket", choices=["bucket", "drop"])
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="draft/target logits dtype")
+    add_precision_arguments(ap)  # --dtype of the draft/target logits
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -181,6 +184,8 @@ def main() -> None:
         result = child_time(args) if args.child == "time" else child_memory(args)
         print(json.dumps(result))
         return
+    precision = precision_from_args(ap, args, args.device)
+    args.dtype = precision["dtype"]  # the children get fp32 or bf16
 
     rows = []
     for v in args.vocab:
@@ -202,7 +207,8 @@ def main() -> None:
                 rows.append(row)
                 print(_fmt(row), flush=True)
 
-    meta = {"device": args.device, "dtype": args.dtype, "tail": args.tail, "repeats": args.repeats,
+    meta = {"device": args.device, "dtype": args.dtype, "precision": precision, "tail": args.tail,
+            "repeats": args.repeats,
             "time_basis": "wall (synchronized)" if args.device == "cuda" else "process CPU time",
             "torch_threads": args.threads or _threads(), "cpu_count": os.cpu_count(),
             "memory_method": "cuda max_memory_allocated" if args.device == "cuda"

@@ -34,7 +34,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 LOSSES = ("kl", "tv", "lk_alpha", "lk_lambda")
 
@@ -126,7 +129,7 @@ def train_case(cache: Path, runs: Path, *, loss: str, source: str, args) -> dict
 
     config = TrainConfig(
         cache=str(cache), out=str(runs), run_name=f"{loss}-{source}", loss=loss, drafter=args.drafter,
-        steps=args.steps, workers=1, zero=2, dtype="fp32", warmup=1, batch_tokens=args.batch_tokens,
+        steps=args.steps, workers=1, zero=2, dtype=args.dtype, warmup=1, batch_tokens=args.batch_tokens,
         eval_every=0, checkpoint_every=0, eval_sequences=4, target_source=source,
         target=args.target if source == "online" else None,
     )
@@ -147,8 +150,8 @@ def train_case(cache: Path, runs: Path, *, loss: str, source: str, args) -> dict
     }
 
 
-def target_forward_case(cache: Path, target: str, *, batch_tokens: int, batches: int) -> dict:
-    """What `online` adds to a step: the target's no-grad forward on the same batches (fp32, this process)."""
+def target_forward_case(cache: Path, target: str, *, dtype: str, batch_tokens: int, batches: int) -> dict:
+    """What `online` adds to a step: the target's no-grad forward on the same batches (this process)."""
     import torch
 
     from cache import open_cache
@@ -160,7 +163,7 @@ def target_forward_case(cache: Path, target: str, *, batch_tokens: int, batches:
     split = heldout_split(scan_index(reader), 0.05, 16)
     spec = LoaderSpec(rank=0, world_size=1, seed=0, batch_tokens=batch_tokens,
                       heldout_threshold=split.heldout_threshold)
-    source = TargetSource("online", str(resolve_model(target).path), "fp32", torch.device("cpu"))
+    source = TargetSource("online", str(resolve_model(target).path), dtype, torch.device("cpu"))
     stream = BatchStream(reader, spec, prefetch=2)
     try:
         source(next(stream))  # warm-up
@@ -215,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-batches", type=int, default=40)
     parser.add_argument("--workdir", default="/tmp/lkspec-bench-train")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
+    add_precision_arguments(parser)  # of the training step and the online target (the cache is built in fp32)
     args = parser.parse_args(argv)
     if args.steps <= args.skip:
         parser.error("--steps must exceed --skip")
+    precision = precision_from_args(parser, args, "cpu")
+    args.dtype = precision["dtype"]  # fp32 or bf16 from here on
 
     import torch
 
@@ -233,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     loader = loader_case(cache, batch_tokens=args.batch_tokens, batches=args.loader_batches)
     train = {loss: train_case(cache, runs, loss=loss, source="cache", args=args) for loss in LOSSES}
     online = train_case(cache, runs, loss="kl", source="online", args=args)
-    forward = target_forward_case(cache, args.target, batch_tokens=args.batch_tokens, batches=4)
+    forward = target_forward_case(cache, args.target, dtype=args.dtype, batch_tokens=args.batch_tokens, batches=4)
     kl = train["kl"]
     result = {
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available(),
                     "load_average_1min": [load_at_start, os.getloadavg()[0]]},
         "setup": {"target": args.target, "drafter": args.drafter, "k": args.k, "batch_tokens": args.batch_tokens,
-                  "steps": args.steps, "skip": args.skip, "zero": 2, "workers": 1, "dtype": "fp32",
+                  "steps": args.steps, "skip": args.skip, "zero": 2, "workers": 1, "dtype": args.dtype,
+                  "precision": precision,
                   "cache": str(cache)},
         "train": train,
         "online": {**online, "step_ratio_vs_cache": online["step_ms"] / kl["step_ms"], "target_forward": forward,

@@ -137,6 +137,19 @@ def precision_line(record: dict) -> str:
             f"{record['cpu_capability']}, native bf16 {'yes' if record['native_bf16'] else 'no'}{emulated}")
 
 
+def precision_from_args(parser, args, device) -> dict:
+    """bench_precision for a script's --dtype / --allow-emulated-bf16 on `device`, printed as one line.
+
+    A refusal ends the script through parser.error (exit status 2) with the refusal's message.
+    """
+    try:
+        record = bench_precision(args.dtype, device, allow_emulated=args.allow_emulated_bf16)
+    except PrecisionError as exc:
+        parser.error(str(exc))
+    print(precision_line(record), flush=True)
+    return record
+
+
 def add_precision_arguments(parser, default: str = "auto") -> None:
     """--dtype (auto, fp32, bf16) and --allow-emulated-bf16 on a benchmark script's argument parser."""
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=default,
