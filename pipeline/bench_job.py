@@ -132,6 +132,7 @@ def run_bench(config: BenchConfig) -> Path:
     drafters = _unique_names([resolve_drafter(spec) for spec in config.drafters])
     tokenizer = _check_tokenizers(target.path, drafters)
     _check_drafter_targets(target.path, drafters)
+    _check_vocab_sizes(target.path, drafters)
     try:
         items = _prompt_items(config, tokenizer)
     except PromptSetError as exc:
@@ -214,6 +215,25 @@ def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
             kind.check_target(kind.read_config(drafter.path), target_config)
         except (DrafterMismatchError, ExportFormatError) as exc:
             raise BenchConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
+
+
+def _check_vocab_sizes(target_path: Path, drafters: list[Drafter]) -> None:
+    """Refuse an independent drafter whose vocabulary is smaller than the target's (it cannot read every token)."""
+    from transformers import AutoConfig
+
+    def vocab_size(path: Path) -> int | None:
+        config = AutoConfig.from_pretrained(path)
+        return getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+
+    independent = [d for d in drafters if d.kind == "independent"]
+    if not independent:
+        return
+    target_vocab = vocab_size(target_path)
+    for drafter in independent:
+        drafter_vocab = vocab_size(drafter.path)
+        if not isinstance(drafter_vocab, int) or drafter_vocab < target_vocab:
+            raise BenchConfigError(f"target {target_path} has vocabulary size {target_vocab}, drafter "
+                                   f"{drafter.path} has vocab_size {drafter_vocab}")
 
 
 def _load_tokenizer(path: Path, what: str):
@@ -299,6 +319,7 @@ class BenchWorker:
         self.target = load_model(target_path, dtype=dtype)
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
+        self.dtype = dtype  # the target's: one rounding step of it is the near-tie tolerance at T = 0
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
         self._decode([1, 2, 3], BASELINE, None, 0.0, max_new_tokens=4)  # warm-up before timing
         for name, drafter in self.drafters[1:]:
@@ -306,12 +327,20 @@ class BenchWorker:
 
     def run(self, item: dict) -> list[dict]:
         """Decode one prompt with the target alone and with each drafter, at each temperature."""
+        from eval.exactness import divergence
+
         records = []
         for temperature in self.temperatures:
+            greedy = None  # the target's own output at T = 0: the baseline decodes first
             for name, drafter in self.drafters:
                 key = f"{self.seed}|{item['benchmark']}|{item['id']}|{temperature}|{name}"
                 seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
                 record = self._decode(item["input_ids"], name, drafter, temperature, self.max_new_tokens, seed)
+                if temperature == 0 and drafter is None:
+                    greedy = record["output_ids"]
+                elif temperature == 0 and greedy is not None:  # where it leaves greedy, and whether at a near-tie
+                    record["divergence"] = divergence(self.target, item["input_ids"], greedy, record["output_ids"],
+                                                      self.dtype)
                 records.append({"benchmark": item["benchmark"], "index": item["index"], "id": item["id"],
                                 "prompt_tokens": len(item["input_ids"]), **record})
         return records

@@ -127,6 +127,18 @@ def test_drafter_with_another_tokenizer_is_refused(tiny_llama_dir, tmp_path, no_
         run_bench(config(tiny_llama_dir, [other], tmp_path))
 
 
+def test_drafter_with_the_same_tokenizer_but_a_smaller_vocabulary_is_refused(tiny_llama_dir, tmp_path, no_ray):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    small = tmp_path / "small-vocab-drafter"
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(small)
+    with pytest.raises(BenchConfigError, match=r"^target .* has vocabulary size 49152, drafter .*small-vocab-drafter "
+                                               r"has vocab_size 1000$"):
+        run_bench(config(tiny_llama_dir, [small], tmp_path))
+
+
 def test_eagle3_drafter_for_another_target_is_refused(tiny_llama_dir, tmp_path, no_ray):
     export = save_random_eagle3(tiny_llama_dir, tmp_path / "eagle3-wide", target_hidden_size=48)
     with pytest.raises(BenchConfigError, match=r"drafter 'eagle3-wide' \(.*\): EAGLE-3 drafter does not match "
