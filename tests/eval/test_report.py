@@ -85,6 +85,22 @@ def test_report_files(records, tmp_path):
     assert "lk: 1 prompt(s) differ from target greedy" in text
 
 
+def test_a_difference_at_a_near_tie_is_counted_apart_and_does_not_fail(records):
+    records[3]["divergence"] = {"position": 9, "greedy_token": 2, "output_token": 3, "gap": 0.0, "step": 2.0 ** -4,
+                                "near_tie": True}  # as eval.exactness.divergence reports it
+    report = summarize(records, drafters=["lk"], k=2)
+    report["config"] = {"dtype": "bf16"}
+    (overall,) = report["overall"]
+    assert (overall["greedy_mismatches"], overall["greedy_near_ties"]) == (0, 1)
+    assert report["prompts"][3]["greedy_divergence"]["position"] == 9
+    text = markdown(report)
+    assert "Lossless check at T = 0: passed: outputs differ from the target's greedy output only at near-ties" in text
+    assert "lk: 1 prompt(s) differ first where the target's top-2 logits are within one bf16 rounding step" in text
+    records[3]["divergence"]["near_tie"] = False
+    (overall,) = summarize(records, drafters=["lk"], k=2)["overall"]
+    assert (overall["greedy_mismatches"], overall["greedy_near_ties"]) == (1, 0)
+
+
 def test_markdown_with_every_output_lossless(records):
     records[3]["output_ids"] = [2] * 10
     text = markdown(summarize(records, drafters=["lk"], k=2))
