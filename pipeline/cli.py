@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "pipeline.cli_demo",
     "pipeline.cli_bench",
     "pipeline.cli_study",
+    "pipeline.cli_plan",
 )
 
 
