@@ -99,8 +99,10 @@ Target = DenseTarget | SparseTarget
 # ------------------------------------------------------------- targets mapped into draft space
 # Each prepared target knows how to compute, for a chunk of rows z [c, V] of draft logits:
 #   forward(z, rows)            -> (KL [c], α [c], aux [c] or None)
+#   finish(logits, kl, aux, valid_rows) -> (KL [N], aux [N]): once per pass, after every chunk
 #   backward(z, rows, a, b, aux) -> a·∂KL/∂z + b·∂α/∂z  [c, V]   (a, b: [c, 1])
-# in the compute dtype `cdt` (fp32, or fp64 for fp64 logits).
+# in the compute dtype `cdt` (fp32, or fp64 for fp64 logits). No chunk reads a value back to the
+# host: on a GPU a host synchronization per chunk would stall the queue hundreds of times a step.
 
 
 def _floor(x: Tensor) -> Tensor:
@@ -164,6 +166,10 @@ class _DenseRows:
         kl = torch.where(inv_m > 0, kl_raw * inv_m + torch.where(inv_m > 0, inv_m, 1.0).log(), 0.0)
         return kl, alpha, None
 
+    def finish(self, logits: Tensor, kl: Tensor, aux, valid_rows) -> tuple[Tensor, None]:
+        """Nothing to complete for a dense target."""
+        return kl, aux
+
     def backward(self, z: Tensor, rows, a: Tensor, b: Tensor, aux) -> Tensor:
         q = torch.softmax(z, dim=-1, dtype=self.cdt)
         p = self._p(rows)
@@ -195,10 +201,12 @@ class _SparseRows:
         if ids.shape[0] != n:
             raise ValueError(f"SparseTarget has {ids.shape[0]} positions, draft logits have {n}")
         present = logprobs > -math.inf  # not padding
-        if bool((ids[present] < 0).any()):
+        # both checks in one host read (one GPU synchronization): bit 0 negative ids, bit 1 ids >= V
+        bad = int((present & (ids < 0)).any() + 2 * (present & (ids >= v_draft)).any())
+        if bad & 1:
             raise ValueError("SparseTarget.ids has negative ids at non-padding entries")
         if vocab_map is None:
-            if bool((ids[present] >= v_draft).any()):
+            if bad & 2:
                 raise ValueError(
                     f"SparseTarget has ids >= draft vocabulary {v_draft}; "
                     "pass vocab_map= for a reduced draft vocabulary"
@@ -233,6 +241,7 @@ class _SparseRows:
         self.cdt = cdt
         # below this the draft tail Q is recomputed in log space (its q_j may underflow)
         self.tiny = torch.finfo(cdt).tiny ** 0.75
+        self.slow_tail = True  # whether backward may meet Q < tiny; set by finish()
 
     def _masked_logq(self, z: Tensor, idx: Tensor, has_valid: Tensor) -> Tensor:
         """log q with the ids of K set to −inf: [c, V]."""
@@ -250,14 +259,34 @@ class _SparseRows:
             return kl, alpha, None
         logq.scatter_(1, idx, torch.where(has_valid[:, None], -math.inf, logq_k))
         tail = logq.exp_().sum(-1)  # Q: the draft's mass outside K
-        log_tail = tail.log()
-        rare = tail < self.tiny
-        if bool(rare.any()):  # exact log Q where the q_j underflow
-            log_tail[rare] = torch.logsumexp(self._masked_logq(z[rare], idx[rare], has_valid[rare]), dim=-1)
-        r, r_kl = self.r[rows], self.r_kl[rows]
-        alpha = alpha + torch.minimum(r, tail)
-        kl = kl + torch.where(r_kl > 0, r_kl * (r_kl.clamp_min(self.tiny).log() - _floor(log_tail)), 0.0)
-        return kl, alpha, log_tail
+        alpha = alpha + torch.minimum(self.r[rows], tail)
+        return kl, alpha, tail  # KL's tail term needs log Q: finish() adds it
+
+    def finish(self, logits: Tensor, kl: Tensor, tail, valid_rows) -> tuple[Tensor, Tensor | None]:
+        """KL's tail term over the whole pass, with exact log Q where Q underflowed; aux becomes log Q.
+
+        The only host read of the forward pass: whether any Q underflowed (then its rows are redone in
+        log space) and whether backward can meet an underflowing Q at all (else it skips that check).
+        """
+        if tail is None:
+            return kl, None
+        rows = slice(None) if valid_rows is None else valid_rows
+        tail_v = tail[rows]
+        log_tail = tail_v.log()
+        rare = tail_v < self.tiny
+        flags = int(rare.any() + 2 * (log_tail.exp() < self.tiny).any())  # one host read for the pass
+        self.slow_tail = bool(flags & 2)
+        if flags & 1:  # exact log Q where the q_j underflow
+            picked = rare.nonzero().squeeze(-1) if valid_rows is None else valid_rows[rare]
+            log_tail[rare] = torch.logsumexp(
+                self._masked_logq(logits[picked], self.idx[picked], self.has_valid[picked]), dim=-1)
+            self.slow_tail = True
+        r_kl = self.r_kl[rows]
+        kl[rows] = kl[rows] + torch.where(r_kl > 0, r_kl * (r_kl.clamp_min(self.tiny).log() - _floor(log_tail)),
+                                          0.0)
+        out = torch.zeros_like(tail)
+        out[rows] = log_tail
+        return kl, out
 
     def backward(self, z: Tensor, rows, a: Tensor, b: Tensor, log_tail) -> Tensor:
         idx, src, has_valid = self.idx[rows], self.src[rows], self.has_valid[rows]
@@ -286,7 +315,7 @@ class _SparseRows:
         on_k = torch.where(has_valid[:, None], coef * q_k + k_vals, coef_off_k * q_k).gather(1, src)
         g.scatter_(1, idx, on_k)
         rare = ~fast[:, 0] & (tail_coef[:, 0] != 0)
-        if bool(rare.any()):  # q_j / Q in log space where Q underflows
+        if self.slow_tail and bool(rare.any()):  # q_j / Q in log space where Q underflows
             lt = log_tail[rare][:, None]
             ratio = self._masked_logq(z[rare], idx[rare], has_valid[rare]).sub_(
                 torch.where(torch.isfinite(lt), lt, 0.0)).exp_()
@@ -327,6 +356,7 @@ class _KLAlpha(torch.autograd.Function):
             if aux_rows is not None:
                 aux = torch.zeros(n, dtype=tgt.cdt, device=logits.device) if aux is None else aux
                 aux[rows] = aux_rows
+        kl, aux = tgt.finish(logits, kl, aux, valid_rows)
         ctx.save_for_backward(logits)
         ctx.tgt, ctx.valid_rows, ctx.chunk, ctx.aux = tgt, valid_rows, chunk, aux
         return kl, alpha
@@ -392,7 +422,8 @@ def kl_alpha(
         tgt = _SparseRows(target, n, v_draft, vocab_map, tail, cdt, logits.device)
     else:
         raise TypeError(f"target must be a DenseTarget or SparseTarget, got {type(target).__name__}")
-    valid_rows = None if bool(valid.all()) else valid.nonzero().squeeze(-1)
+    # without a mask every row is valid: no host read (a GPU synchronization) to find that out
+    valid_rows = None if mask is None or bool(valid.all()) else valid.nonzero().squeeze(-1)
     chunk = chunk_size or _chunk_rows(n, v_draft, logits.element_size())
     kl, alpha = _KLAlpha.apply(logits, tgt, valid_rows, int(chunk))
     return kl, alpha, valid
