@@ -1,4 +1,4 @@
-"""The speculative decoder is lossless: greedy-identical at T = 0, target-distributed at T > 0."""
+"""The speculative decoder is lossless with every drafter family: greedy-identical at T = 0, target-distributed at T > 0."""
 from __future__ import annotations
 
 import itertools
@@ -10,10 +10,12 @@ from scipy.stats import chisquare
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval.speculative as spec
-from trainer.drafters import causal_lm
+from trainer.drafters import DrafterMismatchError, causal_lm
 from trainer.drafters.eagle3.decode import Eagle3MismatchError
 from eval.speculative import accept, merge_stats, speculative_generate
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
+from trainer.drafters.medusa import MedusaConfig, MedusaModel
+from trainer.drafters.mlp import MLPSpeculator, MLPSpeculatorConfig
 
 
 def tiny_llama(seed: int, vocab: int, *, hidden: int = 32, layers: int = 2, init: float = 0.02,
@@ -402,3 +404,97 @@ def test_eagle3_wrong_residual_fails_the_distribution_test(small_vocab_pair, sma
     monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)
     samples = sample_outputs(target, small_vocab_eagle, 400, temperature=1.0, k=2, steps=4)
     assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) < 1e-6
+
+
+# --- MEDUSA and the MLP speculator (drafters over the target's final hidden state) ----------------
+
+def tiny_state_drafter(kind: str, seed: int, target, draft_vocab: int | None = None):
+    """A random MEDUSA (3 heads) or MLP speculator (4 stages; `mlp-tied`: tied, scaled input) for `target`."""
+    torch.manual_seed(seed)
+    hidden, vocab = target.config.hidden_size, target.config.vocab_size
+    if kind == "medusa":
+        model = MedusaModel(MedusaConfig(hidden_size=hidden, vocab_size=vocab, num_heads=3, num_layers=1,
+                                         draft_vocab_size=draft_vocab or vocab))
+    else:
+        model = MLPSpeculator(MLPSpeculatorConfig(emb_dim=hidden, vocab_size=vocab, inner_dim=24, n_predict=4,
+                                                  tie_weights=kind == "mlp-tied", scale_input=kind == "mlp-tied"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    if draft_vocab:
+        model.set_draft_vocab(torch.randperm(vocab)[:draft_vocab].sort().values)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def state_pair():
+    """A target (vocab 256) and MEDUSA / MLP speculator drafters, one MEDUSA over a reduced vocabulary."""
+    torch.set_num_threads(1)
+    target = tiny_llama(0, 256, init=0.2, tied=False)
+    drafters = {"medusa": tiny_state_drafter("medusa", 0, target), "medusa-reduced":
+                tiny_state_drafter("medusa", 1, target, draft_vocab=200),
+                "mlp": tiny_state_drafter("mlp", 2, target), "mlp-tied": tiny_state_drafter("mlp-tied", 3, target)}
+    return target, drafters
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("drafter_name", ["medusa", "medusa-reduced", "mlp", "mlp-tied"])
+def test_state_drafters_greedy_output_equals_target_greedy(state_pair, drafter_name, k):
+    target, drafters = state_pair
+    for prompt in PROMPTS:
+        expected = greedy_reference(target, prompt, 24, eos=None)
+        output, stats = speculative_generate(target, drafters[drafter_name], torch.tensor(prompt), k=k,
+                                             temperature=0.0, max_new_tokens=24)
+        assert output.tolist() == expected, (drafter_name, k, prompt)
+        assert stats["accepted"] + stats["target_forwards"] == 24
+        assert stats["drafted"] > 0
+        steps = drafters[drafter_name].num_steps
+        assert stats["verified_by_position"][min(k, steps):] == [0] * (k - min(k, steps))  # at most K drafts
+
+
+def test_a_state_drafter_drafts_from_the_state_of_the_position_that_produced_the_newest_token(state_pair,
+                                                                                              monkeypatch):
+    target, drafters = state_pair
+    drafter = drafters["mlp"]
+    rounds = []
+    real = spec.draft
+
+    def recording(drafter_, cache, tokens, k, temperature, generator, vocab):
+        rounds.append((tokens.clone(), None if cache.state is None else cache.state.clone()))
+        return real(drafter_, cache, tokens, k, temperature, generator, vocab)
+
+    monkeypatch.setattr(spec, "draft", recording)
+    speculative_generate(target, drafter, torch.tensor(PROMPTS[1]), k=3, temperature=1.0, max_new_tokens=20,
+                         generator=torch.Generator().manual_seed(0))
+    assert rounds[0][1] is None  # nothing to draft from before the target has read the prompt
+    for tokens, state in rounds[1:]:
+        with torch.no_grad():  # h_t of the position t = len − 2 that produced the newest committed token
+            expected = target(tokens[None], output_hidden_states=True).hidden_states[-1][0, -2]
+        torch.testing.assert_close(state[0], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mlp"])
+def test_state_drafters_sampling_matches_the_target_distribution(small_vocab_pair, kind):
+    target, _ = small_vocab_pair
+    drafter = tiny_state_drafter(kind, 5, target, draft_vocab=6 if kind == "medusa" else None)
+    samples = sample_outputs(target, drafter, 800, temperature=1.0, k=2, steps=4)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["medusa", "mlp"])
+def test_state_drafters_wrong_residual_fails_the_distribution_test(small_vocab_pair, kind, monkeypatch):
+    target, _ = small_vocab_pair
+    drafter = tiny_state_drafter(kind, 5, target, draft_vocab=6 if kind == "medusa" else None)
+    monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)
+    samples = sample_outputs(target, drafter, 800, temperature=1.0, k=2, steps=4)
+    assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) < 1e-6
+
+
+def test_state_drafters_refuse_a_target_they_were_not_trained_for(state_pair):
+    _, drafters = state_pair
+    other = tiny_llama(0, 300, hidden=48, layers=2)
+    for name in ("medusa", "mlp"):
+        with pytest.raises(DrafterMismatchError, match="target hidden size 48, drafter expects 32; "
+                                                       "target vocabulary 300, drafter expects 256"):
+            speculative_generate(other, drafters[name], torch.tensor([1, 2]), k=2, temperature=0.0,
+                                 max_new_tokens=2)

@@ -4,8 +4,8 @@
 
 Head h = 1..heads reads h_t, the target's final hidden state at position t (after the final norm:
 the cache's `last` column), and predicts x_{t+h+1}; the target itself predicts x_{t+1}. A head is
-`layers` residual blocks x + SiLU(W x + b) (W zero at init, so a head starts as the target's own
-next-token predictor) and its own LM head, copied from the target's: over the whole vocabulary, or
+`layers` residual blocks x + SiLU(W x + b) (W and b zero at init, so a head starts as the target's
+own next-token predictor) and its own LM head, copied from the target's: over the whole vocabulary, or
 with draft_vocab=N over the N ids with the most cached target mass (base.draft_vocabulary, the
 EAGLE-3 semantics). Training, decoding: trainer.drafters.last_state (the state stays h_t).
 
@@ -86,9 +86,10 @@ class MedusaModel(StepModel):
                                     for _ in range(config.num_heads))
         self.lm_heads = nn.ModuleList(nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
                                       for _ in range(config.num_heads))
-        for block in self.blocks:  # identity at init (MEDUSA): every head starts as the target's LM head
+        for block in self.blocks:  # identity at init: every head starts as the target's next-token predictor
             for layer in block.layers:
                 nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         # Draft id i is target id draft_ids[i] (vLLM's token_map).
         self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size), persistent=True)
 
@@ -222,7 +223,7 @@ class MedusaFamily(LastStateFamily):
             raise CacheMismatchError(f"the cache's last feature has dimension {hidden}, the target's hidden "
                                      f"size is {target_config.hidden_size}")
         size = options.get("draft_vocab", context.vocab_size)
-        vocab = context.vocabulary(size, "--drafter medusa") if size < context.vocab_size else None
+        vocab = context.vocabulary(size, "--drafter medusa") if size != context.vocab_size else None
         try:
             config = MedusaConfig(hidden_size=hidden, vocab_size=context.vocab_size,
                                   num_heads=options.get("heads", DEFAULT_HEADS), num_layers=options.get("layers", 1),

@@ -1,0 +1,88 @@
+"""MEDUSA and the MLP speculator end to end: `cache build --features last` -> `lkspec train` -> `lkspec bench`."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cache import CacheMismatchError
+from pipeline.cli import main
+from pipeline.train_job import plan_run
+from trainer.config import TrainConfig
+from trainer.drafters import family, family_of_dir
+from trainer.rundir import read_metrics, read_run
+
+_spec = importlib.util.spec_from_file_location("trainer_cache_helpers",
+                                               Path(__file__).parents[1] / "trainer" / "conftest.py")
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    return helpers.make_tiny_target(tiny_llama_dir, tmp_path_factory.mktemp("target"))
+
+
+@pytest.mark.parametrize("drafter", ["medusa", "mlp:stages=2"])
+def test_a_cache_without_the_last_feature_is_refused_with_the_command_that_builds_one(drafter, target_dir,
+                                                                                       tmp_path):
+    cache = helpers.build_cache(tmp_path / "caches", target_dir, helpers.random_sequences(8), num_shards=1)
+    config = TrainConfig(cache=str(cache), out=str(tmp_path / "runs"), drafter=drafter, steps=2)
+    with pytest.raises(CacheMismatchError, match=r"has no 'last' feature column \(features: none\): .*final hidden "
+                                                 r"state.*lkspec cache build --target .* --features last"):
+        plan_run(config)
+
+
+@pytest.fixture(scope="module")
+def last_cache(ray_address, target_dir, tmp_path_factory) -> Path:
+    """A real `cache build --features last` of the tiny target over 32 conversations of a small word set."""
+    from pipeline.build import BuildConfig, run_build
+
+    words = "the cat sat on a mat and ran far away from home to see a bird sing about rivers".split()
+    rng = np.random.default_rng(0)
+    data = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 6))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(20, 50))))}]}) + "\n"
+        for i in range(32)))
+    outcome = run_build(BuildConfig(target=str(target_dir), data=str(data), out=tmp_path_factory.mktemp("caches"),
+                                    k=8, max_length=256, shard_size=8, workers=1, threads=1, features=("last",),
+                                    progress=False))
+    return outcome.path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter, kind, eta", [("medusa:heads=3,draft_vocab=256", "medusa", 10.0),
+                                                ("mlp:stages=3,inner=48", "mlp", 3.0)])
+def test_trains_from_a_last_cache_and_decodes_exactly(last_cache, target_dir, tmp_path, drafter, kind, eta):
+    from pipeline.bench_job import BenchConfig, run_bench
+
+    runs = tmp_path / "runs"
+    code = main(["train", "--cache", str(last_cache), "--out", str(runs), "--loss", "lk_lambda", "--drafter", drafter,
+                 "--workers", "1", "--steps", "12", "--warmup", "2", "--lr", "3e-3", "--batch-tokens", "512",
+                 "--eval-every", "6", "--eval-sequences", "8", "--heldout-fraction", "0.15", "--no-progress"])
+    assert code == 0
+    [run_dir] = list(runs.iterdir())
+    assert run_dir.name.startswith(f"{kind}-lk_lambda-")
+    run = read_run(run_dir)
+    assert run["status"] == "done" and run["drafter"]["kind"] == kind and run["config"]["eta"] == eta
+    metrics = read_metrics(run_dir)
+    assert all(len(m["alpha"]) == 3 and len(m["lam"]) == 3 for m in metrics)
+    losses = [m["loss"] for m in metrics]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    assert run["export_check"]["steps"] == 3
+    assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
+    assert family_of_dir(run_dir / "model") is family(kind)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat sat", "a bird sang about"]))
+    out = run_bench(BenchConfig(target=str(target_dir), drafters=[str(run_dir)], benchmarks=[str(prompts)],
+                                temperatures=[0.0], k=4, max_new_tokens=16, workers=1, out=tmp_path / "report",
+                                progress=False))
+    report = json.loads((out / "report.json").read_text())
+    assert [d["kind"] for d in report["drafters"]] == [kind]
+    [row] = report["results"]
+    assert row["greedy_mismatches"] == 0 and row["drafted"] > 0  # lossless at T = 0, and it did draft

@@ -1,0 +1,218 @@
+"""The MLP speculator: spec, teacher-forced stages vs the decoding chain, vLLM's export layout and forward (no Ray)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from cache import open_cache
+from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
+from trainer.drafters import DrafterError, SpecContext, build_drafter, family, family_for, family_of_dir, \
+    family_of_model
+from trainer.drafters.base import ExportFormatError
+from trainer.drafters.mlp import (MLPSpeculator, MLPSpeculatorConfig, is_mlp_speculator_dir, load_mlp_speculator,
+                                  save_mlp_speculator)
+from trainer.losses import SparseTarget, combine_steps, compute_loss
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+VOCAB = 49152
+
+
+@pytest.fixture(scope="module")
+def cache_batch(tiny_cache):
+    """A real cached batch of the tiny target with random `last` features (width 32)."""
+    reader = open_cache(tiny_cache)
+    split = heldout_split(scan_index(reader), 0.1, 8)
+    stream = BatchStream(reader, LoaderSpec(0, 1, 0, 256, split.heldout_threshold), prefetch=1)
+    try:
+        batch = next(stream)
+    finally:
+        stream.close()
+    batch.features["last"] = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(0))
+    return batch
+
+
+def resolve(drafter: str, **features):
+    return family("mlp").resolve(drafter, SpecContext(vocab_size=VOCAB, max_positions=2048,
+                                                      features=features or {"last": {"dim": 32}}))
+
+
+def test_options_defaults_and_refusals():
+    mlp = family_for("mlp:stages=4")
+    assert mlp.name == "mlp" and mlp.columns == ("last",) and mlp.default_eta == 3.0
+    assert mlp.parse("mlp:stages=4,inner=64,tie=true,scale_input=1") == {
+        "stages": 4, "inner": 64, "tie": True, "scale_input": True}
+    with pytest.raises(DrafterError, match="--drafter mlp: bad option 'heads=2'"):
+        mlp.parse("mlp:heads=2")
+    with pytest.raises(DrafterError, match="--drafter mlp tie must be true or false"):
+        mlp.parse("mlp:tie=maybe")
+    assert resolve("mlp").hf_config == {"emb_dim": 32, "vocab_size": VOCAB, "inner_dim": 32, "n_predict": 6,
+                                        "tie_weights": False, "scale_input": False}
+    with pytest.raises(DrafterError, match="tie_weights needs at least 2 stages"):
+        resolve("mlp:stages=1,tie=true")
+
+
+def stage_reference(model: MLPSpeculator, h: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+    """vLLM's generate_proposals maths for one row, written out: state_n and head_n's logits."""
+    sw = 0.5 ** (0.5 / model.config.n_predict)
+    ew = math.sqrt((1 - sw ** 2) * (model.config.inner_dim / 2))
+    state = h
+    if model.config.scale_input:
+        state = state * torch.rsqrt(state.pow(2).mean(-1, keepdim=True) + 1e-6) / 2 ** 0.5
+    out = []
+    for n, token in enumerate(tokens):
+        mixed = state @ model.proj[n].weight.T + ew / sw * model.emb[n].weight[token]
+        normed = mixed * torch.rsqrt(mixed.pow(2).mean(-1, keepdim=True) + 1e-6)
+        state = F.gelu(model.ln[n].weight * normed + model.ln[n].bias)
+        out.append(state @ model.head[n].weight.T)
+    return out
+
+
+@pytest.mark.parametrize("options", ["mlp:stages=3,inner=48", "mlp:stages=3,tie=true,scale_input=true"])
+def test_stage_n_at_row_t_reads_tokens_t_plus_1_to_t_plus_n_and_scores_the_row_of_position_t_plus_n(
+        cache_batch, options):
+    batch = cache_batch
+    torch.manual_seed(0)
+    drafter = build_drafter(resolve(options)).eval()
+    with torch.no_grad():
+        for p in drafter.parameters():  # norms away from 1 / 0: a missing scale or shift would show
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+        steps = drafter(batch.model_inputs())
+    assert drafter.num_steps == 3 and drafter.vocab_map is None
+    ids, last = batch.input_ids, batch.features["last"]
+    for n, step in enumerate(steps, start=1):
+        assert torch.equal(step.rows, torch.nonzero(batch.target_pos >= n).view(-1))
+    for n, step in enumerate(steps, start=1):  # a few rows of each step, checked against the reference chain
+        for i in (0, 7, len(step.rows) - 1):
+            b, p = int(batch.target_batch[step.rows[i]]), int(batch.target_pos[step.rows[i]])
+            t = p - n
+            with torch.no_grad():
+                reference = stage_reference(drafter.model, last[b, t], [int(ids[b, t + m]) for m in range(1, n + 1)])
+            torch.testing.assert_close(step.logits[i], reference[-1], atol=1e-4, rtol=1e-4)
+
+
+def test_every_stage_learns(cache_batch):
+    batch = cache_batch
+    torch.manual_seed(0)
+    drafter = build_drafter(resolve("mlp:stages=3,inner=48"))
+    target = SparseTarget(batch.topk_ids, batch.topk_logprobs)
+    results = [compute_loss("lk_lambda", s.logits, SparseTarget(target.ids[s.rows], target.logprobs[s.rows]))
+               for s in drafter(batch.model_inputs())]
+    combine_steps(results).backward()
+    for name, p in drafter.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+# --- export -----------------------------------------------------------------------------------
+
+def random_mlp(tie: bool, scale_input: bool, seed: int = 0) -> MLPSpeculator:
+    torch.manual_seed(seed)
+    model = MLPSpeculator(MLPSpeculatorConfig(emb_dim=24, vocab_size=300, inner_dim=40, n_predict=3,
+                                              tie_weights=tie, scale_input=scale_input))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def read_tensors(directory) -> dict[str, torch.Tensor]:
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_export_has_vllms_mlp_speculator_keys_and_shapes(tmp_path, tie):
+    save_mlp_speculator(random_mlp(tie, False), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert {k: config[k] for k in ("architectures", "model_type", "vocab_size", "emb_dim", "inner_dim", "n_predict",
+                                   "tie_weights", "scale_input", "top_k_tokens_per_head")} == {
+        "architectures": ["MLPSpeculatorPreTrainedModel"], "model_type": "mlp_speculator", "vocab_size": 300,
+        "emb_dim": 24, "inner_dim": 40, "n_predict": 3, "tie_weights": tie, "scale_input": False,
+        "top_k_tokens_per_head": [1, 1, 1]}  # vLLM's config asserts len(top_k_tokens_per_head) == n_predict
+    stages = [0] if tie else [0, 1, 2]
+    spec = {f"emb.{i}.weight": (300, 40) for i in stages}
+    spec.update({f"head.{i}.weight": (300, 40) for i in stages})
+    spec.update({f"ln.{i}.{p}": (40,) for i in stages for p in ("weight", "bias")})
+    spec.update({f"proj.{i}.weight": (40, 24) if i == 0 else (40, 40) for i in ([0, 1] if tie else stages)})
+    tensors = read_tensors(tmp_path / "m")
+    assert {name: tuple(t.shape) for name, t in tensors.items()} == spec
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert is_mlp_speculator_dir(tmp_path / "m") and family_of_dir(tmp_path / "m").name == "mlp"
+
+
+def vllm_mlp_proposals(directory, hidden: torch.Tensor, last_token: int) -> list[torch.Tensor]:
+    """vLLM's MLPSpeculator.generate_proposals (greedy) from config.json and the safetensors alone (plain torch)."""
+    config = json.loads((directory / "config.json").read_text())
+    tensors = read_tensors(directory)
+    n_predict, inner = config["n_predict"], config["inner_dim"] or config["emb_dim"]
+
+    def stage(name: str, i: int) -> torch.Tensor:  # tied stages share stage 0's tensors (proj: 1's after 0)
+        if config["tie_weights"]:
+            i = min(i, 1) if name == "proj" else 0
+        return tensors[f"{name}.{i}.weight"] if name != "ln" else (tensors[f"ln.{i}.weight"], tensors[f"ln.{i}.bias"])
+
+    def norm(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    state_weight = 0.5 ** (0.5 / n_predict)
+    emb_weight = math.sqrt((1 - state_weight ** 2) * (inner / 2))
+    states = hidden[:, None]  # b x 1 x d
+    if config["scale_input"]:
+        states = norm(states) / 2 ** 0.5
+    tokens = torch.tensor([[last_token]])
+    out = []
+    for i in range(n_predict):
+        z = F.embedding(tokens, stage("emb", i))
+        states = F.linear(states, stage("proj", i))
+        states = states + z * (emb_weight / state_weight)
+        weight, bias = stage("ln", i)
+        states = F.gelu(weight * norm(states) + bias)
+        logits = F.linear(states.flatten(0, 1), stage("head", i))
+        out.append(logits)
+        tokens = logits.argmax(-1)[:, None]
+    return out
+
+
+@pytest.mark.parametrize("tie, scale_input", [(False, False), (True, True)])
+def test_vllms_forward_on_the_export_gives_the_decoders_draft_logits(tmp_path, tie, scale_input):
+    model = random_mlp(tie, scale_input, seed=1)
+    save_mlp_speculator(model, tmp_path / "m")
+    hidden = torch.randn(1, 24, generator=torch.Generator().manual_seed(2))
+    theirs = vllm_mlp_proposals(tmp_path / "m", hidden, 7)
+    kind = family_of_model(model)
+    cache = kind.new_cache(model)
+    kind.commit(cache, hidden)
+    ours = []
+
+    def propose(logits):  # greedy, as vLLM's proposals: later stages read the tokens drafted before them
+        ours.append(logits.clone())
+        return logits.argmax(-1), torch.softmax(logits, -1)
+
+    with torch.no_grad():
+        drafts, _ = kind.draft(model, cache, torch.tensor([3, 7]), 5, propose, 300)
+    assert drafts.numel() == len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_and_a_broken_export_is_refused(tmp_path):
+    model = random_mlp(True, True)
+    save_mlp_speculator(model, tmp_path / "m")
+    loaded = load_mlp_speculator(tmp_path / "m")
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    assert loaded.emb[2] is loaded.emb[0] and loaded.proj[2] is loaded.proj[1]  # still tied after loading
+    from safetensors.torch import save_file
+
+    tensors = read_tensors(tmp_path / "m")
+    del tensors["ln.0.bias"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(ExportFormatError, match=r"missing tensors \['ln.0.bias'\]"):
+        load_mlp_speculator(tmp_path / "m")
