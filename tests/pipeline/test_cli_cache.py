@@ -1,8 +1,10 @@
 """`lkspec cache ls|gc|info|build` on caches written with the cache library (no Ray, no model run)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -170,3 +172,40 @@ def test_build_refuses_k_larger_than_the_vocabulary(tmp_path, capsys, tiny_llama
             "--k", "50000"]
     assert main(argv) == 2
     assert "k (50000) is larger than the target's vocabulary (49152)" in capsys.readouterr().err
+
+
+def _trainer_helpers():
+    """tests/trainer/conftest.py as a plain module: its builder of a real, trainable cache."""
+    spec = importlib.util.spec_from_file_location("trainer_cache_helpers",
+                                                  Path(__file__).parents[1] / "trainer" / "conftest.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    return helpers
+
+
+@pytest.fixture(scope="module")
+def trainable_cache(tmp_path_factory, tiny_llama_dir) -> Path:
+    """8 sequences in 2 shards from a real forward of a tiny target: a cache `lkspec train` accepts."""
+    helpers = _trainer_helpers()
+    target = helpers.make_tiny_target(tiny_llama_dir, tmp_path_factory.mktemp("target"))
+    return helpers.build_cache(tmp_path_factory.mktemp("caches"), target, helpers.random_sequences(8), num_shards=2)
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("corrupt", [_flip_a_byte, lambda path: path.write_bytes(path.read_bytes()[:-100]),
+                                     Path.unlink], ids=["flipped-byte", "truncated", "deleted"])
+def test_train_refuses_a_corrupted_shard_before_ray(trainable_cache, tmp_path, capsys, corrupt):
+    import ray
+
+    cache = shutil.copytree(trainable_cache, tmp_path / trainable_cache.name)
+    corrupt(cache / "shard-00001.arrow")
+    was_running = ray.is_initialized()
+    assert main(["train", "--cache", str(cache), "--out", str(tmp_path / "runs"), "--drafter", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "shard-00001.arrow" in err and len(err.strip().splitlines()) == 1
+    assert ray.is_initialized() == was_running and not (tmp_path / "runs").exists()
