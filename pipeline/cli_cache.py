@@ -243,10 +243,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _scan(root: Path) -> list[tuple[Path, object]]:
     """(directory, manifest or the error loading it) for every cache directory under root."""
+    from cache.atomic import TEMP_PREFIX
+
     if not root.is_dir():
         raise CliError(f"{root} is not a directory")
     return [(directory, _manifest_or_error(directory))
-            for directory in sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists())]
+            for directory in sorted(p for p in root.iterdir() if p.is_dir() and (p / "manifest.json").exists()
+                                    and not p.name.startswith(TEMP_PREFIX))]  # not a cache gc is deleting
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, belongs to another user
+    return True
 
 
 def _manifest_or_error(directory: Path) -> object:
@@ -330,6 +346,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
     removals: list[tuple[Path, str]] = []
     locks = []  # held until the removals are done
     kept = 0
+    for trash in sorted(args.root.glob(f"{TEMP_PREFIX}gc-*")):  # ".tmp-gc-KEY.PID": what a killed gc left
+        if trash.is_dir() and not _alive(int(trash.suffix[1:]) if trash.suffix[1:].isdigit() else 0):
+            removals.append((trash, "left by an interrupted gc"))
     for directory, _ in _scan(args.root):
         lock = lock_cache(directory, exclusive=True, wait=False)
         if lock is None:
@@ -362,10 +381,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"{'would remove' if args.dry_run else 'remove'} {path} ({size / 2**20:.1f} MiB): {reason}")
             if args.dry_run:
                 continue
-            if path.is_dir():  # renamed first: a build waiting on its lock starts afresh, never inside it
-                trash = path.with_name(f"{TEMP_PREFIX}gc-{path.name}.{os.getpid()}")
-                path.rename(trash)
-                shutil.rmtree(trash)
+            if path.is_dir():
+                if not path.name.startswith(TEMP_PREFIX):  # a build waiting on its lock then starts afresh
+                    path = path.rename(path.with_name(f"{TEMP_PREFIX}gc-{path.name}.{os.getpid()}"))
+                shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
     finally:
