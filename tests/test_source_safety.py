@@ -46,7 +46,8 @@ def test_the_checker_finds_each_unsafe_pattern():
     unsafe = ("import pickle\nimport yaml, torch\nyaml.load(s)\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
               "m = AutoModel.from_pretrained(p, trust_remote_code=True)\n")
     assert len(problems_in(unsafe, "x.py")) == 5
-    assert problems_in("yaml.safe_load(s)\ntorch.load(f, weights_only=True)\nf(trust_remote_code=False)\n", "y.py") == []
+    safe = "yaml.safe_load(s)\ntorch.load(f, weights_only=True)\nf(trust_remote_code=False)\n"
+    assert problems_in(safe, "y.py") == []
 
 
 def test_no_source_file_deserializes_code():
