@@ -333,6 +333,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     Each cache is examined and removed under its exclusive lock, taken without waiting: a cache that a
     build, a training run or a reader holds is skipped.
     """
+    from cache import CacheError
     from cache.atomic import TEMP_PREFIX
     from cache.lock import LOCK_NAME, lock_cache
 
@@ -350,7 +351,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
         if trash.is_dir() and not _alive(int(trash.suffix[1:]) if trash.suffix[1:].isdigit() else 0):
             removals.append((trash, "left by an interrupted gc"))
     for directory, _ in _scan(args.root):
-        lock = lock_cache(directory, exclusive=True, wait=False)
+        try:
+            lock = lock_cache(directory, exclusive=True, wait=False)
+        except CacheError as exc:  # e.g. a read-only cache root: nothing gc could remove there anyway
+            print(f"skip {directory.name}: {exc}")
+            continue
         if lock is None:
             print(f"skip {directory.name}: in use (a build, training run or reader holds {directory / LOCK_NAME})")
             kept += 1
