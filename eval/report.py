@@ -86,7 +86,7 @@ def _prompt_row(record: dict) -> dict:
         "seconds": record["seconds"], "tau": stats["tau"], "tau_paper": stats.get("tau_paper"),
         "expected_tau": stats["expected_tau"],
         "target_forwards": stats["target_forwards"], "accepted": stats["accepted"],
-        "drafted": stats["drafted"],
+        "drafted": stats["drafted"], "draft_positions": sum(1 for n in stats["verified_by_position"] if n),
     }
 
 

@@ -235,11 +235,14 @@ def derive_taus(stats: dict) -> None:
 
 
 def paper_tau(stats: dict) -> float:
-    """τ as the LK paper computes it, K·accepted/drafted + 1 over the run: the mean tokens per drafting step.
+    """τ as the LK paper computes it, K·accepted/drafted + 1 over the run: about the mean tokens per drafting step.
 
-    Forwards that verify no draft (the baseline's, EAGLE-3's first one over the prompt) do not count.
+    K is the number of draft positions ever verified: the decoder's k, or fewer for a drafter with fewer
+    heads. Forwards that verify no draft (the baseline's, the first one over the prompt of a drafter that
+    reads target states) do not count.
     """
-    return stats["k"] * stats["accepted"] / stats["drafted"] + 1 if stats["drafted"] else 1.0
+    k = sum(1 for verified in stats["verified_by_position"] if verified)
+    return k * stats["accepted"] / stats["drafted"] + 1 if stats["drafted"] else 1.0
 
 
 def merge_stats(all_stats: list[dict]) -> dict:

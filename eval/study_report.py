@@ -1,4 +1,4 @@
-"""Study report: bench reports (per-prompt records) -> τ ratios with confidence intervals, tables, plots."""
+"""Study report: held-out α sums and bench reports -> α and τ ratios with confidence intervals, tables, plots."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,20 @@ from pathlib import Path
 import numpy as np
 
 from eval.report import ALL, BASELINE
-from eval.stats import paired_ratio_bootstrap, pooled_tau, t_interval
+from eval.stats import Interval, paired_ratio_bootstrap, paired_tau_bootstrap, pooled_tau, t_interval
+from trainer.heldout import QUANTITIES, HeldoutSums
+from trainer.losses import expected_tau
 
-PLOTS = ("reproduction_ratios.png", "topk_tau.png")
+HELDOUT_PLOT, TOPK_PLOT = "heldout_alpha.png", "topk_tau.png"
+TAIL_MODES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum"}  # tail mode -> HeldoutSums quantity
+# What the study must resolve (issue 11): KL drafters accept enough to leave room for an effect, and
+# the α-ratio interval is narrow enough to see a 3% one.
+ALPHA_GOAL, HALF_WIDTH_GOAL = 0.3, 0.015
+
+
+def tau_plot_name(label: str) -> str:
+    """File name of one family's τ-ratio plot."""
+    return f"tau_ratios-{label}.png"
 
 
 def _prompt_arrays(report: dict, drafters: list[list[str]], temperature: float,
@@ -60,7 +71,8 @@ def summarize_reproduction(report: dict, *, runs: list[dict], losses: list[str],
             ref_by_seed = _seed_taus(tokens[ref], forwards[ref])
             for i, loss in enumerate(losses):
                 row = {"temperature": temperature, "benchmark": domain, "loss": loss, "num_prompts": len(prompts),
-                       "tau": pooled_tau(tokens[i], forwards[i]), "tau_by_seed": _seed_taus(tokens[i], forwards[i])}
+                       "tau": pooled_tau(tokens[i], forwards[i]), "tau_by_seed": _seed_taus(tokens[i], forwards[i]),
+                       "tau_paper": _paper_tau(report, groups[i], prompts, temperature)}
                 if loss != reference:
                     row["ratio"] = paired_ratio_bootstrap(tokens[ref], forwards[ref], tokens[i], forwards[i],
                                                           resamples=resamples, confidence=confidence).to_dict()
@@ -68,16 +80,76 @@ def summarize_reproduction(report: dict, *, runs: list[dict], losses: list[str],
                     row["seed_t_interval"] = (t_interval(np.array(row["ratio_by_seed"]), confidence).to_dict()
                                               if len(seeds) > 1 else None)
                 rows.append(row)
-    heldout = {}
-    for loss in losses:
-        values = [run["heldout_tau"] for run in runs if run["loss"] == loss and run["heldout_tau"] is not None]
-        alphas = [run["heldout_alpha"] for run in runs if run["loss"] == loss and run["heldout_alpha"] is not None]
-        heldout[loss] = {"tau_mean": float(np.mean(values)) if values else None,
-                         "tau_sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
-                         "alpha_mean": float(np.mean(alphas)) if alphas else None}
     return {"reference": reference, "losses": losses, "seeds": seeds, "rows": rows, "runs": runs,
-            "heldout": heldout, "greedy_mismatches": _greedy_mismatches(report),
-            "bench": report.get("config", {})}
+            "greedy_mismatches": _greedy_mismatches(report), "bench": report.get("config", {})}
+
+
+def _paper_tau(report: dict, drafters: list[str], prompts: list[tuple], temperature: float) -> float | None:
+    """τ as the paper computes it, K·accepted/drafted + 1, pooled over the drafters' decodes of `prompts`."""
+    wanted = {(d, *p) for d in drafters for p in prompts}
+    rows = [r for r in report["prompts"] if r["temperature"] == temperature
+            and (r["drafter"], r["benchmark"], r["index"]) in wanted]
+    drafted = sum(r.get("drafted") or 0 for r in rows)
+    k = max((r.get("draft_positions") or 0 for r in rows), default=0)  # positions verified (eval.speculative.paper_tau)
+    return k * sum(r["accepted"] for r in rows) / drafted + 1 if drafted else None
+
+
+# ------------------------------------------------------------------------------- held-out α (primary)
+def summarize_heldout(heldout: dict[str, list[HeldoutSums]], *, reference: str, draft_len: int, resamples: int,
+                      confidence: float) -> dict:
+    """Held-out α per draft step and loss under both tail modes; α(loss) ÷ α(reference) and E[τ](loss) ÷
+    E[τ](reference), each with a percentile interval from resampling seeds and held-out sequences jointly.
+
+    `heldout[loss]` holds one HeldoutSums per seed, in the same seed order for every loss.
+    """
+    first = heldout[reference][0]
+    for loss, runs in heldout.items():
+        if len(runs) != len(heldout[reference]):
+            raise ValueError(f"{len(runs)} {loss} run(s) but {len(heldout[reference])} {reference} run(s)")
+        for seed, sums in enumerate(runs):
+            if sums.sample_ids != first.sample_ids or sums.sums.shape != first.sums.shape:
+                raise ValueError(f"the {loss} run #{seed} scored other held-out sequences or draft steps than the "
+                                 f"{reference} run #0: the paired ratio needs the same ones")
+    # [quantity, seed, sequence, step] per loss
+    arrays = {loss: np.stack([sums.sums for sums in runs], axis=1) for loss, runs in heldout.items()}
+    positions = QUANTITIES.index("positions")
+    tails = {}
+    for tail, quantity in TAIL_MODES.items():
+        q = QUANTITIES.index(quantity)
+        ref = arrays[reference]
+        rows = []
+        for loss, a in arrays.items():
+            alpha = a[q].sum(axis=(0, 1)) / np.maximum(a[positions].sum(axis=(0, 1)), 1.0)  # [steps]
+            by_seed = a[q].sum(axis=1) / np.maximum(a[positions].sum(axis=1), 1.0)  # [seeds, steps]
+            row = {"loss": loss, "alpha": alpha.tolist(), "alpha_by_seed": by_seed.tolist(),
+                   "tau": expected_tau(alpha, draft_len)}
+            if loss != reference:
+                row["ratio"] = [_with_half_width(paired_ratio_bootstrap(
+                    ref[q][..., n], ref[positions][..., n], a[q][..., n], a[positions][..., n],
+                    resamples=resamples, confidence=confidence)) for n in range(alpha.shape[0])]
+                row["tau_ratio"] = _with_half_width(paired_tau_bootstrap(
+                    ref[q], ref[positions], a[q], a[positions], draft_len=draft_len, resamples=resamples,
+                    confidence=confidence))
+            rows.append(row)
+        tails[tail] = rows
+    drop = tails["drop"]
+    kl_alpha = drop[[r["loss"] for r in drop].index(reference)]["alpha"][0]
+    widest = max((r["ratio"][0]["half_width"] for r in drop if "ratio" in r), default=None)
+    return {
+        "reference": reference, "draft_len": draft_len, "seeds": len(heldout[reference]),
+        "sequences": len(first.sample_ids), "steps": int(first.sums.shape[2]),
+        "positions": first.sums[positions].sum(axis=0).astype(int).tolist(),
+        "evaluated_at": sorted({sums.step for runs in heldout.values() for sums in runs}, key=str),
+        "tails": tails,
+        "checks": {"reference_alpha_step1": kl_alpha, "alpha_goal": ALPHA_GOAL,
+                   "alpha_met": kl_alpha >= ALPHA_GOAL, "widest_half_width_step1": widest,
+                   "half_width_goal": HALF_WIDTH_GOAL,
+                   "half_width_met": widest is not None and widest <= HALF_WIDTH_GOAL},
+    }
+
+
+def _with_half_width(interval: Interval) -> dict:
+    return {**interval.to_dict(), "half_width": (interval.high - interval.low) / 2}
 
 
 def _seed_taus(tokens: np.ndarray, forwards: np.ndarray) -> list[float]:
@@ -118,10 +190,13 @@ def write_study(study: dict, out: Path) -> None:
     out = Path(out)
     (out / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n")
     (out / "study.md").write_text(markdown(study))
-    if "reproduction" in study:
-        plot_reproduction(study["reproduction"], out / PLOTS[0])
+    families = study.get("reproduction") or []
+    if families:
+        plot_heldout(families, out / HELDOUT_PLOT)
+    for family in families:
+        plot_reproduction(family, out / tau_plot_name(family["label"]))
     if "topk" in study:
-        plot_topk(study["topk"], out / PLOTS[1])
+        plot_topk(study["topk"], out / TOPK_PLOT)
 
 
 def _ci(interval: dict | None) -> str:
@@ -130,15 +205,20 @@ def _ci(interval: dict | None) -> str:
     return f"{interval['estimate']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
 
 
+def _ci_half(interval: dict | None) -> str:
+    """An interval with its half-width in percent (ratio units × 100)."""
+    return "–" if not interval else f"{_ci(interval)} ±{100 * interval['half_width']:.1f}%"
+
+
 def _f(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(study: dict) -> str:
-    """Tables of both parts."""
+    """Tables of every part: per drafter family, held-out α (primary) and τ (secondary); then top-k."""
     lines = ["# lkspec study", ""]
-    if "reproduction" in study:
-        lines += _reproduction_markdown(study["reproduction"])
+    for family in study.get("reproduction") or []:
+        lines += _reproduction_markdown(family)
     if "topk" in study:
         lines += _topk_markdown(study["topk"])
     if study.get("timings"):
@@ -146,32 +226,67 @@ def markdown(study: dict) -> str:
     return "\n".join(lines)
 
 
+def _heldout_markdown(part: dict) -> list[str]:
+    heldout, reference = part["heldout"], part["reference"]
+    losses = [row["loss"] for row in heldout["tails"]["drop"]]
+    others = [loss for loss in losses if loss != reference]
+    confidence = next((r["tau_ratio"]["confidence"] for r in heldout["tails"]["drop"] if "tau_ratio" in r), 0.95)
+    lines = ["### Held-out α per draft step (primary measure)", "",
+             f"{heldout['sequences']} held-out sequences × {heldout['seeds']} seed(s) per loss "
+             f"({heldout['positions'][0]} scored positions at step 1 per run), α against the cached top-k target. "
+             "The tail beyond the top-k bounds the true α: dropped (Σ_top-k min(p, q), a lower bound) and as "
+             "one bucket (+ min(r, Q_tail), an upper bound). Ratio: pooled α(loss) ÷ "
+             f"α({reference}); brackets: {confidence:.0%} paired bootstrap over seeds and sequences; ±: the "
+             f"interval's half-width. E[τ] = 1 + Σ_k Π_j≤k α_j at K = {heldout['draft_len']}.", ""]
+    for tail, title in (("drop", "Tail dropped (lower bound of α)"),
+                        ("bucket", "Tail as a bucket (upper bound of α)")):
+        rows = {row["loss"]: row for row in heldout["tails"][tail]}
+        lines += [f"{title}:", "",
+                  "| step | " + " | ".join(f"α {loss}" for loss in losses) + " | "
+                  + " | ".join(f"{loss} ÷ {reference}" for loss in others) + " |",
+                  "|---|" + "---|" * (len(losses) + len(others))]
+        for n in range(heldout["steps"]):
+            cells = [_f(rows[loss]["alpha"][n]) for loss in losses]
+            cells += [_ci_half(rows[loss]["ratio"][n]) for loss in others]
+            lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
+        cells = [_f(rows[loss]["tau"]) for loss in losses] + [_ci_half(rows[loss]["tau_ratio"]) for loss in others]
+        lines += ["| E[τ] | " + " | ".join(cells) + " |", ""]
+    checks = heldout["checks"]
+    widest = checks["widest_half_width_step1"]
+    lines += [f"Sizing (tail dropped, step 1): α({reference}) = {_f(checks['reference_alpha_step1'])}, goal ≥ "
+              f"{checks['alpha_goal']:g}: {'met' if checks['alpha_met'] else 'missed'}; widest half-width of the "
+              f"ratios = {_f(None if widest is None else 100 * widest, 1)}%, goal ≤ "
+              f"{100 * checks['half_width_goal']:g}%: {'met' if checks['half_width_met'] else 'missed'}.", ""]
+    return lines
+
+
 def _reproduction_markdown(part: dict) -> list[str]:
     rows, reference = part["rows"], part["reference"]
     others = [loss for loss in part["losses"] if loss != reference]
     confidence = next((r["ratio"]["confidence"] for r in rows if "ratio" in r), 0.95)
     bench = part["bench"]
-    lines = ["## LK vs KL (reproduction)", "",
-             f"{len(part['seeds'])} seeds × {len(part['losses'])} losses, one cache; K = {bench.get('k')}, "
-             f"{bench.get('limit')} prompts per domain, {bench.get('max_new_tokens')} new tokens. "
-             f"Ratios: pooled τ(loss) ÷ τ({reference}); brackets: {confidence:.0%} paired bootstrap over seeds "
-             f"and prompts; last columns: {confidence:.0%} t-interval over the per-seed ratios.", "",
-             "| T | domain | " + " | ".join(f"τ {loss}" for loss in part["losses"]) + " | "
-             + " | ".join(f"{loss} ÷ {reference} [bootstrap]" for loss in others) + " | "
-             + " | ".join(f"{loss} ÷ {reference} [t, seeds]" for loss in others) + " |",
-             "|---|---|" + "---|" * (len(part["losses"]) + 2 * len(others))]
+    lines = [f"## {part['label']}: LK vs KL", "",
+             f"Drafter `{part['drafter']}`: {len(part['seeds'])} seed(s) × {len(part['losses'])} losses, one cache.",
+             ""]
+    lines += _heldout_markdown(part)
+    lines += ["### τ on the benchmarks (secondary measure)", "",
+              f"K = {bench.get('k')}, {bench.get('limit')} prompts per domain, {bench.get('max_new_tokens')} new "
+              f"tokens. τ: tokens per target forward / as the paper computes it (K·accepted/drafted + 1). Ratios: "
+              f"pooled τ(loss) ÷ τ({reference}) in tokens per forward; brackets: {confidence:.0%} paired bootstrap "
+              f"over seeds and prompts; last columns: {confidence:.0%} t-interval over the per-seed ratios.", "",
+              "| T | domain | " + " | ".join(f"τ {loss}" for loss in part["losses"]) + " | "
+              + " | ".join(f"{loss} ÷ {reference} [bootstrap]" for loss in others) + " | "
+              + " | ".join(f"{loss} ÷ {reference} [t, seeds]" for loss in others) + " |",
+              "|---|---|" + "---|" * (len(part["losses"]) + 2 * len(others))]
     keys = list(dict.fromkeys((r["temperature"], r["benchmark"]) for r in rows))
     by = {(r["temperature"], r["benchmark"], r["loss"]): r for r in rows}
     for temperature, domain in keys:
-        cells = [_f(by[(temperature, domain, loss)]["tau"]) for loss in part["losses"]]
+        cells = [f"{_f(row['tau'])} / {_f(row.get('tau_paper'))}"
+                 for row in (by[(temperature, domain, loss)] for loss in part["losses"])]
         cells += [_ci(by[(temperature, domain, loss)]["ratio"]) for loss in others]
         cells += [_ci(by[(temperature, domain, loss)]["seed_t_interval"]) for loss in others]
         n = by[(temperature, domain, reference)]["num_prompts"]
         lines.append(f"| {temperature:g} | {domain} (n={n}) | " + " | ".join(cells) + " |")
-    lines += ["", "Held-out expected τ from training (cache targets, tail bucket), mean ± sd over seeds:", "",
-              "| loss | held-out α | held-out expected τ |", "|---|---|---|"]
-    for loss, h in part["heldout"].items():
-        lines.append(f"| {loss} | {_f(h['alpha_mean'])} | {_f(h['tau_mean'])} ± {_f(h['tau_sd'])} |")
     lines += ["", f"Lossless check at T = 0: {part['greedy_mismatches']} output(s) differ from target greedy.", ""]
     return lines
 
@@ -181,7 +296,8 @@ def _topk_markdown(part: dict) -> list[str]:
     bench = part["bench"]
     domains = list(dict.fromkeys(r["benchmark"] for r in rows))
     lines = ["## Top-k fidelity", "",
-             f"Reference: `{part['online']}` (trained on the target's full distribution). K = {bench.get('k')}, "
+             f"Drafter `{part.get('drafter')}`. Reference: `{part['online']}` (trained on the target's full "
+             f"distribution). K = {bench.get('k')}, "
              f"{bench.get('limit')} prompts per domain. Ratio: τ ÷ τ(online) over all domains, paired prompt "
              "bootstrap.", ""]
     for temperature in sorted({r["temperature"] for r in rows}):
@@ -225,8 +341,34 @@ def plot_reproduction(part: dict, path: Path) -> None:
             ax.errorbar(xs, est, yerr=err, fmt="o", capsize=3, label=f"{loss} ÷ {part['reference']}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(domains)), domains, fontsize=8)
-        ax.set_title(f"T = {temperature:g}")
+        ax.set_title(f"{part['label']}, T = {temperature:g}")
     axes[0][0].set_ylabel("τ ratio (bootstrap CI)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_heldout(families: list[dict], path: Path) -> None:
+    """Held-out α per draft step: a line per loss (tail dropped), a band up to the bucket bound, a panel per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.4), squeeze=False)
+    for ax, family in zip(axes[0], families):
+        heldout = family["heldout"]
+        steps = np.arange(1, heldout["steps"] + 1)
+        buckets = {row["loss"]: row["alpha"] for row in heldout["tails"]["bucket"]}
+        for row in heldout["tails"]["drop"]:
+            line, = ax.plot(steps, row["alpha"], marker="o", label=row["loss"])
+            ax.fill_between(steps, row["alpha"], buckets[row["loss"]], color=line.get_color(), alpha=0.15, lw=0)
+        ax.set_xticks(steps)
+        ax.set_xlabel("draft step (head)")
+        ax.set_title(family["label"])
+        ax.set_ylim(0, None)
+    axes[0][0].set_ylabel("held-out α (band: tail dropped .. bucket)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -1,20 +1,26 @@
-"""`lkspec study`: LK vs KL over seeds, and top-k cache fidelity against the full distribution.
+"""`lkspec study`: LK vs KL per drafter family over seeds, and top-k cache fidelity against the full distribution.
 
-Both parts run on one Ray session, in the order caches → (train → bench) per part:
+Both parts run on one Ray session, in the order caches → (train → bench) per family → top-k:
 
-- reproduction: one cache (top-`k`, tail bucket); every loss × every seed; every run benchmarked at
-  every temperature; τ(loss) ÷ τ(kl) per domain with confidence intervals (eval.stats).
-- topk: one cache per k; `topk_loss` at the first seed with each tail mode, plus the same drafter
-  trained on the target's full distribution (`--target-source online`); τ of each and its ratio to
-  the online drafter.
+- reproduction, one section per `--drafter` (family): one cache (top-`k`, tail bucket, the feature
+  columns every family reads); every loss × every seed. Primary measure: held-out α per draft step
+  (each run's heldout.json) under both tail modes, α(loss) ÷ α(kl) with a paired bootstrap over
+  seeds and held-out sequences. Secondary: every run benchmarked at every temperature, τ(loss) ÷
+  τ(kl) per domain with confidence intervals (eval.stats).
+- topk (the first drafter): one cache per k; `topk_loss` at the first seed with each tail mode,
+  plus the same drafter trained on the target's full distribution (`--target-source online`); τ of
+  each and its ratio to the online drafter.
 
-Run directories are named by what they compute (`<loss>-k<k>-<tail>-s<seed>`, `<loss>-online-s<seed>`),
-so the reproduction's matching run serves the top-k part too, and a rerun skips finished runs
-(train_sweep resumes) and reuses caches (same key) and benchmark reports (same settings).
+Run directories are named by what they compute (`<drafter>-<loss>-k<k>-<tail>-s<seed>`,
+`<drafter>-<loss>-online-s<seed>`), so the reproduction's matching run serves the top-k part too,
+and a rerun skips finished runs (train_sweep resumes) and reuses caches (same key) and benchmark
+reports (same settings). Drafter values go to `lkspec train --drafter` unchanged: any family it
+accepts can be studied.
 """
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,13 +48,16 @@ class StudyConfig:
     data: str = "sharegpt"
     conversations: int = 150
     max_length: int = 384
-    drafter: str = "tiny"
+    dtype: str = "auto"  # cache, training and benchmark precision: auto is bf16 only where it is native
+    drafters: tuple[str, ...] = ("tiny",)  # `lkspec train --drafter` values: one reproduction section each
     steps: int = 45
     batch_tokens: int = 512
     lr: float = 1e-3
     warmup: int = 4
     workers: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
+    heldout_fraction: float = 0.05
+    eval_sequences: int = 256  # held-out sequences scored per run: the sequences of the α bootstrap
     losses: tuple[str, ...] = ("kl", "lk_alpha", "lk_lambda")
     k: int = 32
     topk_ks: tuple[int, ...] = (8, 32, 128)
@@ -77,7 +86,7 @@ class StudyConfig:
 
         _check("part", self.part in PARTS, f"one of {', '.join(PARTS)}", self.part)
         for key in ("conversations", "steps", "batch_tokens", "workers", "k", "bench_limit", "draft_k",
-                    "max_new_tokens"):
+                    "max_new_tokens", "eval_sequences"):
             value = getattr(self, key)
             _check(key, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1", value)
         _check("max_length", isinstance(self.max_length, int) and self.max_length >= 2, "an integer >= 2",
@@ -104,13 +113,25 @@ class StudyConfig:
         _check("bench", bool(self.bench) and not unknown,
                f"benchmarks from {', '.join(BENCHMARKS)} or .jsonl prompt files", ",".join(self.bench))
         _check("lr", self.lr > 0, "a number > 0", self.lr)
+        _check("heldout_fraction", 0 < self.heldout_fraction <= 0.5, "a number in (0, 0.5]", self.heldout_fraction)
+        labels = [drafter_label(d) for d in self.drafters]
+        _check("drafter", bool(self.drafters) and all(labels) and len(set(labels)) == len(labels),
+               "distinct drafters (names as `lkspec train --drafter` takes them)", ",".join(self.drafters))
         # Each stage's own validation, on the values it will receive (paths are placeholders).
         try:
             self.build_config(self.k).validate()
-            self.train_config("<cache>", self.k, REFERENCE_LOSS, self.seeds[0], REPRODUCTION_TAIL).validate()
+            for drafter in self.drafters:
+                self.train_config(drafter, "<cache>", self.k, REFERENCE_LOSS, self.seeds[0],
+                                  REPRODUCTION_TAIL).validate()
             self.bench_config(["<drafter>"], self.temperatures, "bench").validate()
         except ValueError as exc:
             raise StudyConfigError(str(exc)) from exc
+
+    def features(self) -> tuple[str, ...]:
+        """The cache feature columns the studied drafter families read (from the drafter registry)."""
+        from trainer.drafters import family_for
+
+        return tuple(dict.fromkeys(column for drafter in self.drafters for column in family_for(drafter).columns))
 
     # ---- the stage configs this study hands to the existing commands' functions
     def build_config(self, k: int):
@@ -119,29 +140,33 @@ class StudyConfig:
 
         return BuildConfig(target=self.target, data=self.data, out=Path(self.out) / "caches", k=k,
                            limit=self.conversations, max_length=self.max_length, workers=self.workers,
-                           dtype="bf16", address=self.address, progress=self.progress,
-                           skip_invalid=True, shard_size=16)
+                           dtype=self.dtype, address=self.address, progress=self.progress,
+                           skip_invalid=True, shard_size=16, features=self.features())
 
-    def train_config(self, cache: str, k: int, loss: str, seed: int, tail: str, *, online: bool = False):
-        """One training run from the top-k `cache` (its token ids only when online), named by what it computes."""
+    def train_config(self, drafter: str, cache: str, k: int, loss: str, seed: int, tail: str, *,
+                     online: bool = False):
+        """One run of `drafter` from the top-k `cache` (its token ids only when online), named by what it computes."""
         from trainer.config import TrainConfig
 
-        name = f"{loss}-online-s{seed}" if online else f"{loss}-k{k}-{tail}-s{seed}"
+        what = "online" if online else f"k{k}-{tail}"
         return TrainConfig(
-            cache=cache, out=str(Path(self.out) / "runs"), loss=loss, drafter=self.drafter,
-            init_embeddings_from="target", run_name=name, steps=self.steps, workers=self.workers, zero=2,
-            lr=self.lr, warmup=self.warmup, batch_tokens=self.batch_tokens, tail=tail, seed=seed,
-            target_source="online" if online else "cache", eval_every=0, checkpoint_every=self.steps,
-            resume=True,
+            cache=cache, out=str(Path(self.out) / "runs"), loss=loss, drafter=drafter,
+            init_embeddings_from="target", run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}",
+            steps=self.steps, workers=self.workers, zero=2, dtype=self.dtype, lr=self.lr, warmup=self.warmup,
+            batch_tokens=self.batch_tokens, tail=tail, seed=seed, target_source="online" if online else "cache",
+            heldout_fraction=self.heldout_fraction, eval_sequences=self.eval_sequences, eval_every=0,
+            checkpoint_every=self.steps, resume=True,
         )
 
     def bench_config(self, drafters: list[str], temperatures: tuple[float, ...], name: str):
         """One benchmark over `drafters` at `temperatures`, written to OUT/<name>/."""
-        from pipeline.bench_job import BenchConfig
+        from pipeline.bench_job import BENCH_DEVICE, BenchConfig
+        from trainer.precision import resolve_dtype
 
         return BenchConfig(target=self.target, drafters=drafters, benchmarks=list(self.bench),
                            limit=self.bench_limit, temperatures=list(temperatures), k=self.draft_k,
                            max_new_tokens=self.max_new_tokens, workers=self.workers, seed=0,
+                           dtype=resolve_dtype(self.dtype, BENCH_DEVICE, warn=False),  # as its report records it
                            out=Path(self.out) / name, address=self.address, progress=self.progress)
 
     def to_dict(self) -> dict:
@@ -157,9 +182,33 @@ def _check(key: str, ok: bool, expected: str, value) -> None:
         raise StudyConfigError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
 
 
+def drafter_label(drafter: str) -> str:
+    """A drafter's name in run and report names: its directory's name, or the value with separators as '-'."""
+    path = Path(drafter).expanduser()
+    if path.is_dir():
+        return path.name
+    return re.sub(r"[^A-Za-z0-9_.+]+", "-", drafter).strip("-")
+
+
+def split_drafters(text: str) -> tuple[str, ...]:
+    """`tiny,medusa:heads=4,layers=2,mlp` -> ("tiny", "medusa:heads=4,layers=2", "mlp").
+
+    A KEY=VALUE item (an `=` and no `:`) is an option of the drafter before it.
+    """
+    drafters: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if drafters and "=" in item and ":" not in item:
+            drafters[-1] += "," + item
+        else:
+            drafters.append(item)
+    return tuple(drafters)
+
+
 def run_study(config: StudyConfig) -> Path:
     """Run the chosen parts on one Ray session; write study.json, study.md and plots into config.out."""
-    from eval.study_report import summarize_reproduction, summarize_topk, write_study
+    from eval.study_report import summarize_topk, write_study
 
     config.validate()
     config.out = Path(config.out).expanduser().resolve()
@@ -168,41 +217,59 @@ def run_study(config: StudyConfig) -> Path:
     parts = config.parts()
     ks = list(dict.fromkeys(([config.k] if "reproduction" in parts else [])
                             + (list(config.topk_ks) if "topk" in parts else [])))
-    stages = len(parts) * 2 + 1
+    stages = 1 + 2 * (len(config.drafters) if "reproduction" in parts else 0) + (2 if "topk" in parts else 0)
     study: dict = {"config": config.to_dict()}
     with ray_session(config.address):
+        features = config.features()
         _stage(1, stages, "target caches", f"{config.target} over {config.conversations} {config.data} "
-               f"conversations, top-k for k = {', '.join(map(str, ks))}")
+               f"conversations, top-k for k = {', '.join(map(str, ks))}"
+               + (f", features {', '.join(features)}" if features else ""))
         caches = {k: _build(config, k) for k in ks}
         number = 2
         if "reproduction" in parts:
-            runs = [config.train_config(caches[config.k], config.k, loss, seed, REPRODUCTION_TAIL)
-                    for seed in config.seeds for loss in config.losses]
-            detail = f"{len(config.losses)} losses x {len(config.seeds)} seeds from the top-{config.k} cache"
-            report = _train_and_bench(config, runs, config.temperatures, "bench-reproduction", number, stages, detail)
-            study["reproduction"] = summarize_reproduction(
-                report, runs=_run_table(runs), losses=list(config.losses), seeds=list(config.seeds),
-                reference=REFERENCE_LOSS, resamples=config.resamples, confidence=config.confidence)
-            write_study(study, config.out)  # the reproduction's results stand on their own
-            number += 2
+            study["reproduction"] = []
+            for drafter in config.drafters:
+                study["reproduction"].append(_reproduce(config, drafter, caches[config.k], number, stages))
+                write_study(study, config.out)  # each family's results stand on their own
+                number += 2
         if "topk" in parts:
-            seed = config.seeds[0]
-            runs = [config.train_config(caches[k], k, config.topk_loss, seed, tail)
+            seed, drafter = config.seeds[0], config.drafters[0]
+            runs = [config.train_config(drafter, caches[k], k, config.topk_loss, seed, tail)
                     for k in config.topk_ks for tail in config.tails]
             smallest = min(config.topk_ks)  # online: the cache supplies token ids and masks only
-            runs.append(config.train_config(caches[smallest], smallest, config.topk_loss, seed, REPRODUCTION_TAIL,
-                                            online=True))
+            runs.append(config.train_config(drafter, caches[smallest], smallest, config.topk_loss, seed,
+                                            REPRODUCTION_TAIL, online=True))
             detail = (f"{config.topk_loss} at seed {seed}: k in {{{', '.join(map(str, config.topk_ks))}}} "
                       f"x tail {{{', '.join(config.tails)}}} + the full distribution (online)")
-            report = _train_and_bench(config, runs, config.topk_temperatures, "bench-topk", number, stages, detail)
+            report = _train_and_bench(config, runs, config.topk_temperatures, "topk", number, stages, detail)
             study["topk"] = summarize_topk(report, runs=_run_table(runs), resamples=config.resamples,
                                            confidence=config.confidence)
+            study["topk"]["drafter"] = drafter
     study["timings"] = config.timings
     write_study(study, config.out)
     print((config.out / STUDY_MD).read_text())
     _say("stage times: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in config.timings.items()))
     _say(f"study: {config.out / STUDY_MD} (+ {STUDY_JSON} and PNG plots)")
     return config.out
+
+
+def _reproduce(config: StudyConfig, drafter: str, cache: str, number: int, stages: int) -> dict:
+    """One family's reproduction: every loss x seed trained and benchmarked; held-out α and τ summarized."""
+    from eval.study_report import summarize_heldout, summarize_reproduction
+    from trainer.heldout import read_heldout
+
+    runs = [config.train_config(drafter, cache, config.k, loss, seed, REPRODUCTION_TAIL)
+            for seed in config.seeds for loss in config.losses]
+    detail = f"{len(config.losses)} losses x {len(config.seeds)} seeds from the top-{config.k} cache"
+    report = _train_and_bench(config, runs, config.temperatures, drafter_label(drafter), number, stages, detail)
+    heldout = {loss: [read_heldout(Path(run.out) / run.run_name) for run in runs if run.loss == loss]
+               for loss in config.losses}  # per loss, in seed order: paired over seeds and sequences
+    part = summarize_reproduction(report, runs=_run_table(runs), losses=list(config.losses),
+                                  seeds=list(config.seeds), reference=REFERENCE_LOSS, resamples=config.resamples,
+                                  confidence=config.confidence)
+    part["heldout"] = summarize_heldout(heldout, reference=REFERENCE_LOSS, draft_len=config.draft_k,
+                                        resamples=config.resamples, confidence=config.confidence)
+    return {"drafter": drafter, "label": drafter_label(drafter), **part}
 
 
 def _build(config: StudyConfig, k: int) -> str:
@@ -217,19 +284,19 @@ def _build(config: StudyConfig, k: int) -> str:
     return str(outcome.path)
 
 
-def _train_and_bench(config: StudyConfig, runs: list, temperatures: tuple[float, ...], name: str,
+def _train_and_bench(config: StudyConfig, runs: list, temperatures: tuple[float, ...], part: str,
                      number: int, stages: int, detail: str) -> dict:
-    """Train the runs (finished ones are skipped) and benchmark them; returns the bench report."""
+    """Train the runs (finished ones are skipped) and benchmark them into OUT/bench-<part>/; returns the report."""
     from pipeline.bench_job import run_bench
     from pipeline.train_job import train_sweep
 
-    part = name.removeprefix("bench-")
-    _stage(number, stages, f"{part}: drafters", f"{detail}; {config.drafter} drafter, {config.steps} steps each")
+    drafter = runs[0].drafter
+    _stage(number, stages, f"{part}: drafters", f"{detail}; drafter {drafter}, {config.steps} steps each")
     started = time.time()
     run_dirs = train_sweep(runs, progress=config.progress)
     config.timings[f"{part} train"] = time.time() - started
 
-    bench = config.bench_config([str(path) for path in run_dirs], temperatures, name)
+    bench = config.bench_config([str(path) for path in run_dirs], temperatures, f"bench-{part}")
     _stage(number + 1, stages, f"{part}: speculative decoding",
            f"{len(run_dirs)} drafters on {', '.join(config.bench)} x {config.bench_limit} prompts, "
            f"T={', '.join(f'{t:g}' for t in temperatures)}, K={config.draft_k}, {config.max_new_tokens} new tokens")
@@ -258,17 +325,19 @@ def _reusable_report(bench) -> dict | None:
 
 
 def _run_table(runs: list) -> list[dict]:
-    """Per run: name, loss, seed, k, tail, target source and its held-out metrics from run.json."""
+    """Per run: name, drafter, loss, seed, k, tail, target source and its held-out measurement from run.json."""
     from trainer.rundir import read_run
 
     rows = []
     for config in runs:
         run = read_run(Path(config.out) / config.run_name) or {}
-        heldout = (run.get("final") or {}).get("eval") or {}
-        rows.append({"name": config.run_name, "loss": config.loss, "seed": config.seed,
+        heldout = run.get("heldout") or {}
+        rows.append({"name": config.run_name, "drafter": config.drafter, "loss": config.loss, "seed": config.seed,
                      "k": None if config.target_source == "online" else (run.get("cache") or {}).get("k"),
                      "tail": config.tail, "target_source": config.target_source,
-                     "heldout_alpha": (heldout.get("alpha") or [None])[0], "heldout_tau": heldout.get("tau"),
+                     "heldout_alpha_drop": heldout.get("alpha_drop"),
+                     "heldout_alpha_bucket": heldout.get("alpha_bucket"),
+                     "heldout_tau_drop": heldout.get("tau_drop"), "heldout_tau_bucket": heldout.get("tau_bucket"),
                      "steps": run.get("steps_done")})
     return rows
 

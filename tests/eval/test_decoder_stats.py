@@ -32,10 +32,18 @@ def test_paper_tau_counts_accepted_over_drafted_of_the_drafting_steps_only():
     record_step(stats, one_hot([2, 2, 2, 2]), one_hot([1, 2, 2]), 3, 0)  # the first draft rejected
     merged = merge_stats([stats | {"new_tokens": 4}])
     assert (merged["drafted"], merged["accepted"], merged["target_forwards"]) == (6, 2, 3)
-    assert merged["tau_paper"] == pytest.approx(3 * 2 / 6 + 1)  # K·accepted/drafted + 1: the first forward is not counted
+    assert merged["tau_paper"] == pytest.approx(3 * 2 / 6 + 1)  # K·accepted/drafted + 1: the first forward not counted
     assert merged["tau"] == pytest.approx(4 / 3)  # tokens per target forward counts it
     assert merged["accepted_by_position"] == [1, 1, 0] and merged["reached_by_position"] == [2, 1, 1]
     assert merged["expected_tau"] == pytest.approx(expected_tau([0.5, 1.0, 0.5]))
+
+
+def test_paper_tau_takes_k_from_the_positions_a_drafter_reaches():
+    stats = new_stats(4)  # the decoder asks for 4 drafts, the drafter has 2 heads
+    for accepted in (2, 1):
+        record_step(stats, one_hot([0, 1, 2]), one_hot([0, 1] if accepted == 2 else [0, 2]), 2, accepted)
+    merged = merge_stats([stats | {"new_tokens": 5}])
+    assert merged["tau_paper"] == pytest.approx(2 * 3 / 4 + 1) and merged["verified_by_position"] == [2, 2, 0, 0]
 
 
 def test_a_drafter_identical_to_the_target_reaches_k_plus_one(target):
@@ -66,7 +74,7 @@ def test_accepted_drafts_after_an_eos_are_not_counted(target):
     assert stats["accepted_by_position"] == [1, 1, 0] and stats["reached_by_position"] == [1, 1, 0]
     assert stats["verified_by_position"] == [1, 1, 0] and stats["alpha_sum_by_position"][2] == 0
     assert stats["accepted"] + stats["target_forwards"] - 1 == stats["new_tokens"]  # the target's own token was cut
-    assert stats["tau_paper"] == pytest.approx(3 * 2 / 2 + 1)
+    assert stats["tau_paper"] == pytest.approx(2 * 2 / 2 + 1)  # K = 2: the positions verified, once cut
 
 
 def test_an_eos_from_the_target_cuts_nothing(target):

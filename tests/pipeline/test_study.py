@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from eval.stats import paired_ratio_bootstrap, student_t_quantile, t_interval
+from eval.stats import paired_ratio_bootstrap, paired_tau_bootstrap, student_t_quantile, t_interval
 from pipeline import study as study_module
 from pipeline.cli import build_parser, main, parse_with_config
-from pipeline.study import StudyConfig, run_study
+from pipeline.study import StudyConfig, drafter_label, run_study, split_drafters
+from trainer.heldout import HeldoutSums
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -64,8 +65,29 @@ def test_identical_drafters_give_ratio_one_with_an_empty_interval():
 
 
 def test_bootstrap_refuses_mismatched_shapes():
-    with pytest.raises(ValueError, match=r"\[seeds, prompts\]"):
+    with pytest.raises(ValueError, match=r"\[seeds, items\]"):
         paired_ratio_bootstrap(np.ones((2, 3)), np.ones((2, 3)), np.ones((2, 4)), np.ones((2, 4)))
+    with pytest.raises(ValueError, match=r"\[seeds, items, steps\]"):
+        paired_tau_bootstrap(np.ones((2, 3)), np.ones((2, 3)), np.ones((2, 3)), np.ones((2, 3)), draft_len=2)
+
+
+def test_one_step_tau_bootstrap_matches_scipy():
+    # With one draft step and K = 1, E[τ] = 1 + α: the ratio (1 + α_b) ÷ (1 + α_a) of pooled held-out α.
+    rng = np.random.default_rng(6)
+    positions = rng.integers(5, 40, size=(1, 40)).astype(float)
+    alpha_a = positions * rng.uniform(0.2, 0.4, size=(1, 40))
+    alpha_b = positions * rng.uniform(0.25, 0.45, size=(1, 40))
+
+    def tau_ratio(a, n_a, b, n_b, axis=-1):
+        return (1 + np.sum(b, axis) / np.sum(n_b, axis)) / (1 + np.sum(a, axis) / np.sum(n_a, axis))
+
+    ours = paired_tau_bootstrap(alpha_a[..., None], positions[..., None], alpha_b[..., None], positions[..., None],
+                                draft_len=1, resamples=40_000, seed=2)
+    reference = stats.bootstrap((alpha_a[0], positions[0], alpha_b[0], positions[0]), tau_ratio, paired=True,
+                                vectorized=True, n_resamples=40_000, method="percentile", random_state=9)
+    assert ours.estimate == pytest.approx(tau_ratio(alpha_a, positions, alpha_b, positions)[0])
+    assert ours.low == pytest.approx(reference.confidence_interval.low, abs=0.003)
+    assert ours.high == pytest.approx(reference.confidence_interval.high, abs=0.003)
 
 
 @pytest.mark.parametrize("values", [[1.02, 0.97, 1.05], [0.9, 1.1], [1.0, 1.01, 0.99, 1.03, 0.98, 1.0]])
@@ -91,9 +113,10 @@ def _report(drafters: dict[str, float], temperatures=(1.0,), benchmarks=("mt-ben
             for index in range(prompts):
                 for name, acceptance in {"baseline": 0.0, **drafters}.items():
                     forwards = int(rng.integers(8, 20))
+                    accepted = int(rng.binomial(forwards * 3, acceptance))
                     rows.append({"drafter": name, "benchmark": bench, "index": index, "temperature": temperature,
-                                 "target_forwards": forwards,
-                                 "new_tokens": forwards + int(rng.binomial(forwards * 3, acceptance))})
+                                 "target_forwards": forwards, "new_tokens": forwards + accepted,
+                                 "accepted": accepted, "drafted": 3 * forwards, "draft_positions": 3})
     return {"prompts": rows, "overall": [], "config": {"k": 3, "limit": prompts, "max_new_tokens": 32}}
 
 
@@ -103,13 +126,61 @@ def _tau(report, names, temperature, bench="all"):
     return sum(r["new_tokens"] for r in rows) / sum(r["target_forwards"] for r in rows)
 
 
-def test_reproduction_summary_pools_seeds_and_prompts():
-    from eval.study_report import markdown, summarize_reproduction
+def _heldout(alpha_by_loss: dict[str, float], seeds: int = 3, sequences: int = 30, steps: int = 3, seed: int = 0):
+    """HeldoutSums per loss and seed: α ≈ alpha_by_loss[loss]·0.8^n at step n (tail dropped), +0.05 as a bucket."""
+    rng = np.random.default_rng(seed)
+    positions = rng.integers(10, 40, size=(sequences, steps)).astype(float)  # the same positions for every run
+    out = {}
+    for loss, alpha in alpha_by_loss.items():
+        out[loss] = []
+        for _ in range(seeds):
+            drop = positions * np.clip(alpha * 0.8 ** np.arange(steps) + rng.normal(0, 0.05, (sequences, steps)), 0, 1)
+            sums = np.stack([drop, drop + 0.05 * positions, positions * 0.3, positions])
+            out[loss].append(HeldoutSums([f"s{i}" for i in range(sequences)], sums, step=9))
+    return out
+
+
+def test_heldout_summary_pairs_runs_over_seeds_and_sequences():
+    from eval.study_report import summarize_heldout
+
+    heldout = _heldout({"kl": 0.30, "lk_lambda": 0.36})
+    part = summarize_heldout(heldout, reference="kl", draft_len=4, resamples=2000, confidence=0.95)
+    assert (part["seeds"], part["sequences"], part["steps"]) == (3, 30, 3) and part["evaluated_at"] == [9]
+    drop = {row["loss"]: row for row in part["tails"]["drop"]}
+    bucket = {row["loss"]: row for row in part["tails"]["bucket"]}
+    pooled = [sum(h.sums[0].sum(0) for h in heldout[loss]) / sum(h.sums[3].sum(0) for h in heldout[loss])
+              for loss in ("kl", "lk_lambda")]
+    assert drop["kl"]["alpha"] == pytest.approx(pooled[0]) and drop["lk_lambda"]["alpha"] == pytest.approx(pooled[1])
+    assert all(b > d for b, d in zip(bucket["kl"]["alpha"], drop["kl"]["alpha"]))  # the bucket bound is higher
+    for n, ratio in enumerate(drop["lk_lambda"]["ratio"]):
+        assert ratio["estimate"] == pytest.approx(pooled[1][n] / pooled[0][n])
+        assert ratio["low"] < ratio["estimate"] < ratio["high"] and ratio["low"] > 1.0  # 0.36 vs 0.30: clearly better
+        assert ratio["half_width"] == pytest.approx((ratio["high"] - ratio["low"]) / 2)
+    tau = drop["lk_lambda"]["tau_ratio"]
+    assert drop["kl"]["tau"] == pytest.approx(1 + sum(np.cumprod(list(pooled[0]) + [pooled[0][-1]])))  # K = 4
+    assert tau["estimate"] == pytest.approx(drop["lk_lambda"]["tau"] / drop["kl"]["tau"]) and tau["low"] > 1.0
+    assert "ratio" not in drop["kl"] and len(drop["kl"]["alpha_by_seed"]) == 3
+    checks = part["checks"]
+    assert checks["reference_alpha_step1"] == pytest.approx(pooled[0][0])
+    assert checks["alpha_met"] == (pooled[0][0] >= 0.3)
+    assert checks["widest_half_width_step1"] == pytest.approx(drop["lk_lambda"]["ratio"][0]["half_width"])
+
+
+def test_heldout_summary_refuses_runs_scored_on_other_sequences():
+    from eval.study_report import summarize_heldout
+
+    heldout = _heldout({"kl": 0.3, "lk_alpha": 0.3}, seeds=2)
+    heldout["lk_alpha"][1].sample_ids = heldout["lk_alpha"][1].sample_ids[::-1]
+    with pytest.raises(ValueError, match="lk_alpha run #1 scored other held-out sequences"):
+        summarize_heldout(heldout, reference="kl", draft_len=3, resamples=200, confidence=0.95)
+
+
+def test_reproduction_summary_pools_seeds_and_prompts(tmp_path):
+    from eval.study_report import HELDOUT_PLOT, markdown, summarize_heldout, summarize_reproduction, write_study
 
     names = {(loss, seed): f"{loss}-s{seed}" for loss in ("kl", "lk_lambda") for seed in (0, 1, 2)}
     report = _report({name: 0.2 if loss == "kl" else 0.4 for (loss, _), name in names.items()}, temperatures=(0.0, 1.0))
-    runs = [{"name": name, "loss": loss, "seed": seed, "heldout_tau": 1.1 + seed / 100, "heldout_alpha": 0.1}
-            for (loss, seed), name in names.items()]
+    runs = [{"name": name, "loss": loss, "seed": seed} for (loss, seed), name in names.items()]
     part = summarize_reproduction(report, runs=runs, losses=["kl", "lk_lambda"], seeds=[0, 1, 2], reference="kl",
                                   resamples=500, confidence=0.95)
     row = next(r for r in part["rows"] if (r["temperature"], r["benchmark"], r["loss"]) == (1.0, "gsm8k", "lk_lambda"))
@@ -118,8 +189,28 @@ def test_reproduction_summary_pools_seeds_and_prompts():
     assert row["ratio"]["estimate"] == pytest.approx(_tau(report, lk, 1.0, "gsm8k") / _tau(report, kl, 1.0, "gsm8k"))
     assert row["ratio_by_seed"][2] == pytest.approx(_tau(report, lk[2:], 1.0, "gsm8k") / _tau(report, kl[2:], 1.0, "gsm8k"))
     assert row["num_prompts"] == 4 and row["ratio"]["low"] > 1.0  # 0.4 vs 0.2 acceptance: clearly better
-    assert part["heldout"]["kl"]["tau_mean"] == pytest.approx(1.11)
-    assert "| 1 | gsm8k (n=4) |" in markdown({"reproduction": part})
+    rows = [r for r in report["prompts"]
+            if r["drafter"] in lk and r["benchmark"] == "gsm8k" and r["temperature"] == 1.0]
+    assert row["tau_paper"] == pytest.approx(3 * sum(r["accepted"] for r in rows) / sum(r["drafted"] for r in rows) + 1)
+
+    part["heldout"] = summarize_heldout(_heldout({"kl": 0.3, "lk_lambda": 0.33}), reference="kl", draft_len=4,
+                                        resamples=500, confidence=0.95)
+    study = {"reproduction": [{"drafter": "medusa:heads=3", "label": "medusa-heads-3", **part}]}
+    text = markdown(study)
+    assert "## medusa-heads-3: LK vs KL" in text and "Drafter `medusa:heads=3`" in text
+    assert "| 1 | gsm8k (n=4) |" in text and "Tail dropped (lower bound of α):" in text
+    ratio = part["heldout"]["tails"]["drop"][1]["ratio"][0]
+    assert f"| 1 | {part['heldout']['tails']['drop'][0]['alpha'][0]:.3f} |" in text
+    assert f"±{100 * ratio['half_width']:.1f}%" in text and "Sizing (tail dropped, step 1)" in text
+    write_study(study, tmp_path)
+    assert (tmp_path / HELDOUT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "tau_ratios-medusa-heads-3.png").stat().st_size > 0
+
+
+def test_drafter_lists_keep_each_drafters_options():
+    assert split_drafters("tiny,medusa:heads=4,layers=2, mlp") == ("tiny", "medusa:heads=4,layers=2", "mlp")
+    assert split_drafters("eagle3:steps=3,draft_vocab=256") == ("eagle3:steps=3,draft_vocab=256",)
+    assert drafter_label("medusa:heads=4,layers=2") == "medusa-heads-4-layers-2" and drafter_label("tiny") == "tiny"
 
 
 def test_topk_summary_compares_each_setting_with_online_and_picks_the_best_k32():
@@ -158,6 +249,10 @@ def no_ray(monkeypatch):
     (["--temperature", "0,-1"], "--temperature must be numbers >= 0"),
     (["--confidence", "1.5"], "--confidence must be a number in (0, 1)"),
     (["--bench", "mt-bench,nope"], "--bench must be benchmarks from"),
+    (["--drafter", "tiny,tiny"], "--drafter must be distinct drafters"),
+    (["--family", "eagle3:layers=2"], "--drafter eagle3: bad option 'layers=2'"),
+    (["--eval-sequences", "0"], "--eval-sequences must be an integer >= 1"),
+    (["--heldout-fraction", "0.9"], "--heldout-fraction must be a number in (0, 0.5]"),
     (["--part", "both"], None),  # argparse choices: exit status 2 from argparse itself
 ])
 def test_bad_values_fail_before_ray_naming_the_flag(argv, message, capsys, no_ray, tmp_path):
@@ -200,6 +295,10 @@ def _write_conversations(path: Path, count: int) -> Path:
     return path
 
 
+FAMILIES = ("tiny", "medusa:heads=2")  # an independent drafter and one reading the target's last hidden state
+LABELS = ("tiny", "medusa-heads-2")
+
+
 @pytest.fixture(scope="module")
 def tiny_study(ray_address, tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
@@ -207,9 +306,9 @@ def tiny_study(ray_address, tiny_llama_dir, tmp_path_factory):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hello", "Count to five", "Say hi")))
     config = StudyConfig(
         out=root / "out", target=str(tiny_llama_dir), data=str(_write_conversations(root / "data.jsonl", 24)),
-        conversations=24, max_length=128, steps=2, batch_tokens=256, warmup=0, seeds=(0, 1),
-        losses=("kl", "lk_lambda"), k=8, topk_ks=(8,), tails=("bucket",), bench=(str(prompts),),
-        bench_limit=3, temperatures=(0.0, 1.0), draft_k=3, max_new_tokens=6, resamples=300,
+        conversations=24, max_length=128, drafters=FAMILIES, steps=2, batch_tokens=256, warmup=0, seeds=(0, 1),
+        heldout_fraction=0.25, eval_sequences=8, losses=("kl", "lk_lambda"), k=8, topk_ks=(8,), tails=("bucket",),
+        bench=(str(prompts),), bench_limit=3, temperatures=(0.0, 1.0), draft_k=3, max_new_tokens=6, resamples=300,
         address=ray_address, progress=False)
     run_study(config)
     return config
@@ -217,42 +316,69 @@ def tiny_study(ray_address, tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tiny_study):
+    from cache import open_cache
+    from trainer.heldout import read_heldout
+
     out = Path(tiny_study.out)
     study = json.loads((out / "study.json").read_text())
-    # the k=8 / bucket / lk_lambda / seed 0 run serves both parts: trained once
+    # the tiny / k=8 / bucket / lk_lambda / seed 0 run serves both parts: trained once
     runs = sorted(p.name for p in (out / "runs").iterdir())
-    assert runs == ["kl-k8-bucket-s0", "kl-k8-bucket-s1", "lk_lambda-k8-bucket-s0", "lk_lambda-k8-bucket-s1",
-                    "lk_lambda-online-s0"]
+    assert runs == sorted([f"{label}-{loss}-k8-bucket-s{seed}" for label in LABELS for loss in ("kl", "lk_lambda")
+                           for seed in (0, 1)] + ["tiny-lk_lambda-online-s0"])
     assert all(json.loads((out / "runs" / r / "run.json").read_text())["status"] == "done" for r in runs)
+    [cache] = [p for p in (out / "caches").iterdir() if p.is_dir()]
+    assert "last" in open_cache(cache).manifest["features"]  # the MEDUSA family reads it: the registry said so
 
-    # the ratio over all prompts and seeds, recomputed from the bench report's merged per-drafter counters
-    report = json.loads((out / "bench-reproduction" / "report.json").read_text())
-    for temperature in (0.0, 1.0):
-        overall = {r["drafter"]: r for r in report["overall"] if r["temperature"] == temperature}
+    assert [part["label"] for part in study["reproduction"]] == list(LABELS)
+    for part in study["reproduction"]:
+        label = part["label"]
+        # primary: held-out α per draft step, recomputed from the runs' heldout.json
+        sums = {loss: [read_heldout(out / "runs" / f"{label}-{loss}-k8-bucket-s{s}") for s in (0, 1)]
+                for loss in ("kl", "lk_lambda")}
+        heldout = part["heldout"]
+        assert heldout["seeds"] == 2 and heldout["sequences"] == len(sums["kl"][0].sample_ids) >= 2
+        assert heldout["steps"] == sums["kl"][0].sums.shape[2] == (2 if label.startswith("medusa") else 1)
 
-        def tau(loss):
-            rows = [overall[f"{loss}-k8-bucket-s{s}"] for s in (0, 1)]
-            return sum(r["new_tokens"] for r in rows) / sum(r["target_forwards"] for r in rows)
+        def alpha(loss, quantity=0):
+            return sum(h.sums[quantity].sum(0) for h in sums[loss]) / sum(h.sums[3].sum(0) for h in sums[loss])
 
-        row = next(r for r in study["reproduction"]["rows"]
-                   if r["temperature"] == temperature and r["benchmark"] == "all" and r["loss"] == "lk_lambda")
-        assert row["ratio"]["estimate"] == pytest.approx(tau("lk_lambda") / tau("kl"))
-        assert row["ratio"]["low"] <= row["ratio"]["estimate"] <= row["ratio"]["high"]
-        assert row["num_prompts"] == 3 and len(row["ratio_by_seed"]) == 2
-    assert study["reproduction"]["greedy_mismatches"] == 0
+        rows = {row["loss"]: row for row in heldout["tails"]["drop"]}
+        assert rows["kl"]["alpha"] == pytest.approx(alpha("kl"))
+        for n, ratio in enumerate(rows["lk_lambda"]["ratio"]):
+            assert ratio["estimate"] == pytest.approx(alpha("lk_lambda")[n] / alpha("kl")[n])
+            assert ratio["low"] <= ratio["estimate"] <= ratio["high"]
+        bucket = {row["loss"]: row for row in heldout["tails"]["bucket"]}
+        assert bucket["kl"]["alpha"] == pytest.approx(alpha("kl", 1))
+        assert all(b >= d for b, d in zip(bucket["kl"]["alpha"], rows["kl"]["alpha"]))
+
+        # secondary: the τ ratio over all prompts and seeds, from the bench report's merged per-drafter counters
+        report = json.loads((out / f"bench-{label}" / "report.json").read_text())
+        for temperature in (0.0, 1.0):
+            overall = {r["drafter"]: r for r in report["overall"] if r["temperature"] == temperature}
+
+            def tau(loss):
+                merged = [overall[f"{label}-{loss}-k8-bucket-s{s}"] for s in (0, 1)]
+                return sum(r["new_tokens"] for r in merged) / sum(r["target_forwards"] for r in merged)
+
+            row = next(r for r in part["rows"]
+                       if r["temperature"] == temperature and r["benchmark"] == "all" and r["loss"] == "lk_lambda")
+            assert row["ratio"]["estimate"] == pytest.approx(tau("lk_lambda") / tau("kl"))
+            assert row["ratio"]["low"] <= row["ratio"]["estimate"] <= row["ratio"]["high"]
+            assert row["num_prompts"] == 3 and len(row["ratio_by_seed"]) == 2 and row["tau_paper"] >= 1.0
+        assert part["greedy_mismatches"] == 0
 
     topk = study["topk"]
-    assert topk["online"] == "lk_lambda-online-s0"
-    assert {r["name"] for r in topk["rows"]} == {"lk_lambda-k8-bucket-s0", "lk_lambda-online-s0"}
+    assert topk["online"] == "tiny-lk_lambda-online-s0" and topk["drafter"] == "tiny"
+    assert {r["name"] for r in topk["rows"]} == {"tiny-lk_lambda-k8-bucket-s0", "tiny-lk_lambda-online-s0"}
     assert all(r["temperature"] == 1.0 for r in topk["rows"])
     overall = {r["drafter"]: r for r in json.loads((out / "bench-topk" / "report.json").read_text())["overall"]}
-    row = next(r for r in topk["rows"] if r["name"] == "lk_lambda-k8-bucket-s0" and r["benchmark"] == "all")
-    assert row["ratio"]["estimate"] == pytest.approx(overall["lk_lambda-k8-bucket-s0"]["tau"]
-                                                     / overall["lk_lambda-online-s0"]["tau"])
-    for name in ("study.md", "reproduction_ratios.png", "topk_tau.png"):
-        assert (out / name).stat().st_size > 0
-    assert (out / "reproduction_ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "## LK vs KL (reproduction)" in (out / "study.md").read_text()
+    row = next(r for r in topk["rows"] if r["name"] == "tiny-lk_lambda-k8-bucket-s0" and r["benchmark"] == "all")
+    assert row["ratio"]["estimate"] == pytest.approx(overall["tiny-lk_lambda-k8-bucket-s0"]["tau"]
+                                                     / overall["tiny-lk_lambda-online-s0"]["tau"])
+    for name in ("heldout_alpha.png", "tau_ratios-tiny.png", "tau_ratios-medusa-heads-2.png", "topk_tau.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "study.md").read_text()
+    assert "## tiny: LK vs KL" in text and "## medusa-heads-2: LK vs KL" in text and "Tail dropped" in text
 
 
 @pytest.mark.slow
@@ -263,6 +389,6 @@ def test_a_rerun_reuses_caches_runs_and_bench_reports(tiny_study, capsys):
     run_study(tiny_study)
     err = capsys.readouterr().err
     assert "reused cache" in err and "the target pass was not rerun" in err
-    assert err.count("reusing ") >= 2  # both bench reports
+    assert err.count("reusing ") >= 3  # every bench report
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/run.json")} == before
     assert (out / "bench-topk" / "report.json").stat().st_mtime_ns == bench_before

@@ -95,7 +95,8 @@ def test_evaluate_sums_each_sequence_under_both_tail_modes(heldout):
         with torch.no_grad():
             steps = drafter(batch.model_inputs())
         for n, step in enumerate(steps):
-            rows_target = target if step.rows is None else SparseTarget(target.ids[step.rows], target.logprobs[step.rows])
+            rows_target = (target if step.rows is None
+                           else SparseTarget(target.ids[step.rows], target.logprobs[step.rows]))
             drop = kl_alpha(step.logits, rows_target, tail="drop")[1]
             _, bucket, _ = kl_alpha(step.logits, rows_target, tail="bucket")
             assert sums.sums[0, i, n] == pytest.approx(float(drop.sum()), rel=1e-5)
