@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -137,6 +138,13 @@ def run_bench(config: BenchConfig) -> Path:
         items = _prompt_items(config, tokenizer)
     except PromptSetError as exc:
         raise BenchConfigError(str(exc)) from exc
+    out = Path(config.out)
+    settings = _settings_sha256(config, target, drafters, items)
+    if _is_finished(out, settings):  # a rerun (e.g. after Ctrl-C later on) reuses the finished report
+        print(f"reusing the finished benchmark report in {out} (same target, drafters, prompts and settings)",
+              file=sys.stderr, flush=True)
+        return out
+    (out / "report.json").unlink(missing_ok=True)  # an old report never passes for this run's, half written
 
     started = time.time()
     with ray_session(config.address):
@@ -146,19 +154,41 @@ def run_bench(config: BenchConfig) -> Path:
     order = {name: i for i, name in enumerate([BASELINE] + [d.name for d in drafters])}
     bench_order = {item["benchmark"]: i for i, item in reversed(list(enumerate(items)))}
     records.sort(key=lambda r: (bench_order[r["benchmark"]], r["index"], r["temperature"], order[r["drafter"]]))
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "outputs.jsonl", "w") as handle:
+        for record in records:
+            text = tokenizer.decode(record["output_ids"], skip_special_tokens=False)
+            handle.write(json.dumps({**_public(record), "output_ids": record["output_ids"], "text": text}) + "\n")
     report = summarize(records, drafters=[d.name for d in drafters], k=config.k)
     report["config"] = {**asdict(config), "out": str(out), "threads_per_worker": threads}
     report["target"] = {"spec": target.spec, "path": str(target.path), "identity": target.identity}
     report["drafters"] = [{"name": d.name, "path": str(d.path), "kind": d.kind, "run": d.run} for d in drafters]
     report["wall_seconds"] = elapsed
+    report["settings_sha256"] = settings
     write_report(report, out)
-    with open(out / "outputs.jsonl", "w") as handle:
-        for record in records:
-            text = tokenizer.decode(record["output_ids"], skip_special_tokens=False)
-            handle.write(json.dumps({**_public(record), "output_ids": record["output_ids"], "text": text}) + "\n")
     return out
+
+
+def _settings_sha256(config: BenchConfig, target, drafters: list[Drafter], items: list[dict]) -> str:
+    """What a report depends on: its settings, the target's identity, each drafter's files, the prompts."""
+    settings = {key: value for key, value in asdict(config).items() if key not in ("out", "address", "progress")}
+    stamps = [{"name": d.name, "kind": d.kind, "path": str(d.path),
+               "files": sorted((str(f.relative_to(d.path)), f.stat().st_size, f.stat().st_mtime_ns)
+                               for f in d.path.rglob("*") if f.is_file())} for d in drafters]
+    payload = {"settings": settings, "target": target.identity, "drafters": stamps, "prompts": items}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_finished(out: Path, settings: str) -> bool:
+    """Whether out holds a complete report of these settings (report.json and every file written with it)."""
+    from eval.report import PLOTS
+
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = ["outputs.jsonl", "report.md", *PLOTS]
+    return report.get("settings_sha256") == settings and all((out / name).is_file() for name in files)
 
 
 # --- driver-side preparation ------------------------------------------------------------------

@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.rundir import process_alive, process_identity
+
 Process = tuple[int, float]  # (pid, start time): a process identity that survives pid reuse
 
 TEMP_ROOT = Path("/tmp")  # short on purpose: Ray's unix socket paths live under a cluster's temp dir
@@ -37,33 +39,11 @@ def registry_dir() -> Path:
     return path
 
 
-def identity(pid: int) -> Process | None:
-    """(pid, start time) of a running process, or None when there is none."""
-    import psutil
-
-    try:
-        return pid, psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def is_alive(process: Process) -> bool:
-    """Whether this very process (same pid and start time) still runs (a zombie does not count)."""
-    import psutil
-
-    pid, started = process
-    try:
-        proc = psutil.Process(pid)
-        return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-
-
 def kill(processes: list[Process]) -> int:
     """SIGKILL every listed process that still runs; returns how many were killed."""
     killed = 0
     for pid, started in processes:
-        if is_alive((pid, started)):
+        if process_alive((pid, started)):
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
@@ -85,7 +65,7 @@ class ClusterRecord:
     @classmethod
     def create(cls, temp_dir: str) -> ClusterRecord:
         """Record a cluster about to start in temp_dir, owned by this process."""
-        driver = identity(os.getpid())
+        driver = process_identity(os.getpid())
         path = registry_dir() / f"{os.getpid()}-{Path(temp_dir).name}.json"
         record = cls(path=path, driver=driver, temp_dir=str(temp_dir))
         record.save()
@@ -132,7 +112,7 @@ def reap_orphans() -> list[ClusterRecord]:
     host = socket.gethostname()
     for path in sorted(registry_dir().glob("*.json")):
         record = ClusterRecord.load(path)
-        if record is None or record.host != host or is_alive(record.driver):
+        if record is None or record.host != host or process_alive(record.driver):
             continue
         killed = record.stop()
         reaped.append(record)

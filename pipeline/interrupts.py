@@ -91,14 +91,30 @@ def signals_held() -> Iterator[None]:
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def handlers_kept() -> Iterator[None]:
+    """Put the SIGINT / SIGTERM handlers back after the block: `ray.init` replaces SIGTERM's with its own
+    (Python: `sys.exit(15)`; its C++ core: a stack dump, then abort), which would skip the clean stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {number: signal.getsignal(number) for number in HANDLED}
+    try:
+        yield
+    finally:
+        for number, handler in saved.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
 def interrupt_message(argv: list[str], signum: int) -> str:
-    """The one line printed after an interrupted command: what stopped, and the command that resumes it."""
+    """The one line printed after an interrupted command: what stopped, and how to resume it."""
     command = shlex.join(["lkspec", *argv])
     name = signal.Signals(signum).name
     if argv[:1] == ["submit"]:
         return f"lkspec: {name} interrupted `{command}`: its Ray job was stopped; submit it again to rerun it"
-    resume = command
     if argv[:1] == ["train"] and "--resume" not in argv:
-        resume = shlex.join(["lkspec", *argv, "--resume"])
-    return (f"lkspec: {name} interrupted `{command}`: its Ray workers and private cluster are stopped; "
-            f"`{resume}` resumes it")
+        resume = f"resume it from its last checkpoint with `{shlex.join(['lkspec', *argv, '--resume'])}`"
+    else:
+        resume = "run the same command to resume it"
+    return f"lkspec: {name} interrupted `{command}`: its Ray workers and private cluster are stopped; {resume}"

@@ -9,6 +9,7 @@ pipeline.cluster_registry while it runs, so that a later command reaps it if thi
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import sys
@@ -16,8 +17,9 @@ import tempfile
 import threading
 from typing import Iterator
 
-from pipeline.cluster_registry import TEMP_PREFIX, TEMP_ROOT, ClusterRecord, identity, reap_orphans
-from pipeline.interrupts import signals_held
+from pipeline.cluster_registry import TEMP_PREFIX, TEMP_ROOT, ClusterRecord, reap_orphans
+from pipeline.interrupts import handlers_kept, signals_held
+from trainer.rundir import process_identity
 
 LOOPBACK = "127.0.0.1"
 AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -41,7 +43,8 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         with private_cluster(num_cpus=num_cpus):
             yield
         return
-    ray.init(address=address, log_to_driver=False)
+    with handlers_kept():
+        ray.init(address=address, log_to_driver=False)
     try:
         yield
     finally:
@@ -55,16 +58,20 @@ def private_cluster(*, num_cpus: int | None = None, object_store_memory: int | N
     import ray
 
     reap_orphans()
-    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)  # short: unix socket path limit
+    # Short (unix socket paths are limited to ~107 bytes) and 0700: Ray makes its own temp dir and
+    # everything below it world-writable, so it lives one level down where other users cannot reach
+    # its unix sockets (raylet, object store).
+    temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)
     record = ClusterRecord.create(temp_dir)
     try:
         with _cluster_auth(secrets.token_hex(32)):
             watcher = _ProcessWatcher(record)  # from the start: an interrupted ray.init leaves processes too
             try:
-                with _loopback_node_address():
+                with _loopback_node_address(), handlers_kept():
                     context = ray.init(
                         address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-                        include_dashboard=False, _node_ip_address=LOOPBACK, _temp_dir=temp_dir, log_to_driver=False,
+                        include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                        _node_ip_address=LOOPBACK, _temp_dir=os.path.join(temp_dir, "ray"),
                     )
                 node_ip = context.address_info["node_ip_address"]
                 if node_ip != LOOPBACK:
@@ -149,7 +156,7 @@ class _ProcessWatcher:
         for child in psutil.Process(os.getpid()).children():
             try:
                 if self.record.temp_dir in " ".join(child.cmdline()):
-                    found.update(identity(p.pid) for p in [child, *child.children(recursive=True)])
+                    found.update(process_identity(p.pid) for p in [child, *child.children(recursive=True)])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue  # exited meanwhile
         found.discard(None)

@@ -23,7 +23,8 @@ from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
 from trainer.drafters import Family, SpecContext, family_for
-from trainer.rundir import METRICS, PLAN_JSON, iter_metrics, read_run, update_run, write_json
+from trainer.rundir import (METRICS, PLAN_JSON, driver_record, iter_metrics, read_run, run_status, update_run,
+                            write_json)
 
 
 class TrainingError(RuntimeError):
@@ -339,7 +340,7 @@ def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> None:
         run_dir, name=run_dir.name, status="pending", loss=config.loss, run_dir=str(run_dir),
         cache={"path": plan.cache_path, "key": plan.cache_key, "k": plan.k},
         drafter=_drafter_summary(plan.drafter), target_source=config.target_source, tail=config.tail,
-        total_steps=plan.total_steps,
+        total_steps=plan.total_steps, driver=driver_record(),
         config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
         dtype=config.resolved_dtype("cuda" if use_gpu else "cpu", warn=True),  # the workers record theirs too
         heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
@@ -425,7 +426,7 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
         best = run.get("best") or {}
         rows.append({
             "name": run_dir.name,
-            "status": run.get("status"),
+            "status": run_status(run),  # `interrupted` when its driver is gone
             "loss": run.get("loss"),
             "tail": run.get("tail"),
             "target": run.get("target_source"),

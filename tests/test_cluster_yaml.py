@@ -58,3 +58,11 @@ def test_nothing_is_exposed_beyond_the_cluster_network(cluster_config):
 def test_setup_installs_the_project(cluster_config):
     setup = "\n".join(cluster_config["setup_commands"])
     assert "pip install" in setup and "lkspec" in setup and "torch==" in setup
+
+
+def test_every_node_starts_ray_with_token_auth_from_the_synced_token(cluster_config):
+    starts = cluster_config["head_start_ray_commands"] + cluster_config["worker_start_ray_commands"]
+    ray_starts = [command for command in starts if "ray start" in command]
+    assert len(ray_starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in ray_starts)
+    assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text()
+    assert cluster_config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +20,47 @@ from typing import Any, Iterator
 RUN_JSON = "run.json"
 PLAN_JSON = "plan.json"
 METRICS = "metrics.jsonl"
+ACTIVE_STATUSES = ("pending", "running")
+
+
+def process_identity(pid: int) -> tuple[int, float] | None:
+    """(pid, start time) of a running process, or None: an identity that a recycled pid never matches."""
+    import psutil
+
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def process_alive(identity: tuple[int, float]) -> bool:
+    """Whether this very process (same pid and start time, not a zombie) still runs."""
+    import psutil
+
+    pid, started = identity
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def driver_record() -> dict[str, Any]:
+    """run.json's `driver`: the process (pid, start time) and host of the command that runs the run."""
+    pid, started = process_identity(os.getpid())
+    return {"pid": pid, "started": started, "host": socket.gethostname()}
+
+
+def run_status(run: dict[str, Any]) -> str | None:
+    """A run's status, `interrupted` for a pending/running run whose driver on this host is gone."""
+    status, driver = run.get("status"), run.get("driver")
+    if status in ACTIVE_STATUSES and isinstance(driver, dict) and driver.get("host") == socket.gethostname():
+        try:
+            if not process_alive((int(driver["pid"]), float(driver["started"]))):
+                return "interrupted"
+        except (KeyError, TypeError, ValueError):
+            pass
+    return status
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
