@@ -17,12 +17,13 @@ from pathlib import Path
 import zstandard
 
 from cache import CacheWriter, content_key, create_manifest, open_cache
-from cache.codec import encode_ids, encode_logprobs, id_width
-from cache.schema import CORE_ZSTD_LEVEL
+from cache.schema import CORE_ZSTD_LEVEL, ID_TABLE_COLUMN
+from cache.shard import core_columns
 from cache.synthetic import synthetic_records
 
 KS = (8, 32, 64, 128)
 NAIVE_BYTES_PER_ENTRY = 6  # int32 id + fp16 log-prob
+TOPK_COLUMNS = ("topk_ids", ID_TABLE_COLUMN, "topk_logprobs")
 
 
 def measure(records: list, k: int, vocab_size: int, num_shards: int) -> dict:
@@ -43,10 +44,13 @@ def measure(records: list, k: int, vocab_size: int, num_shards: int) -> dict:
         core_bytes = sum(p.stat().st_size for p in Path(root).glob("shard-*.arrow"))
         reader = open_cache(root)
         decode_s = min(_timed_read(reader) for _ in range(3))
-    # What Arrow compresses for the two top-k columns: their concatenated values, one zstd frame each.
+    # What Arrow compresses for the top-k columns of each shard file: a column's concatenated values, one zstd
+    # frame each (ids ranked in the shard's id table, that table, the log-probs).
     compressor = zstandard.ZstdCompressor(level=CORE_ZSTD_LEVEL)
-    topk_bytes = sum(len(compressor.compress(b"".join(encode(r) for r in records))) for encode in (
-        lambda r: encode_ids(r.topk_ids, id_width(vocab_size)), lambda r: encode_logprobs(r.topk_logprobs, "fp16")))
+    topk_bytes = 0
+    for index in range(num_shards):
+        columns = core_columns(records[index::num_shards], vocab_size=vocab_size, logprob_dtype="fp16")
+        topk_bytes += sum(len(compressor.compress(b"".join(columns[name]))) for name in TOPK_COLUMNS)
     return {
         "k": k,
         "positions": positions,

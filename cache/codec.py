@@ -4,6 +4,11 @@ Every multi-byte integer stream is split into little-endian byte planes (all low
 next bytes, ...), so zstd sees the near-constant high bytes of token ids as long runs. Log-probs
 of a row are sorted descending, so the bit patterns of their magnitudes (fp16 or fp32) are
 non-decreasing along k: we store the first pattern and the small non-negative deltas.
+
+Top-k ids are stored as ranks in a per-shard id table (the shard's distinct top-k ids, most
+frequent first), in one byte each for the T most frequent and an escape byte plus the remaining
+low bytes for the rest: a few hundred ids (punctuation, common words) fill most top-k lists, and
+zstd's order-0 coder then sees their skew instead of two near-uniform byte planes.
 """
 from __future__ import annotations
 
@@ -46,6 +51,77 @@ def encode_ids(ids: np.ndarray, width: int) -> bytes:
 def decode_ids(data: np.ndarray, width: int) -> np.ndarray:
     """Byte planes -> int32 token ids, 1-D."""
     return from_planes(data, width).astype(np.int32)
+
+
+def id_table(ids: np.ndarray) -> np.ndarray:
+    """A shard's distinct top-k ids, most frequent first: by count class floor(log2 count), ascending within one."""
+    distinct, counts = np.unique(np.asarray(ids).reshape(-1), return_counts=True)
+    classes = np.floor(np.log2(counts)).astype(np.int64)
+    return distinct[np.lexsort((distinct, -classes))].astype(np.int64)
+
+
+def encode_id_table(table: np.ndarray, width: int) -> bytes:
+    """An id_table as bytes: uint32 count of classes, each class's size, then per-class id deltas as byte planes."""
+    table = np.asarray(table, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate([[table.size > 0], np.diff(table) <= 0]))  # where ids stop rising
+    sizes = np.diff(np.append(starts, table.size))
+    deltas = np.diff(table, prepend=np.int64(0))
+    deltas[starts] = table[starts]  # each class restarts from 0
+    header = np.array([sizes.size, *sizes], dtype="<u4").tobytes()
+    return header + to_planes(deltas.astype(np.uint32), width)
+
+
+def decode_id_table(data: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of encode_id_table: int64 ids [n]."""
+    num_classes = int(data[:4].view("<u4")[0]) if data.size >= 4 else 0
+    sizes = data[4:4 + 4 * num_classes].view("<u4").astype(np.int64)
+    if data.size < 4 or sizes.size != num_classes:
+        raise ValueError(f"id table of {data.size} bytes is truncated")
+    planes = data[4 + 4 * num_classes:]
+    if planes.size != width * int(sizes.sum()):
+        raise ValueError(f"id table has {planes.size} bytes of ids, its classes say {int(sizes.sum())} ids")
+    deltas = from_planes(planes, width).astype(np.int64)
+    running = np.cumsum(deltas)
+    starts = np.cumsum(sizes) - sizes
+    return running - np.repeat(running[starts] - deltas[starts], sizes)
+
+
+def escape_threshold(table_size: int, width: int) -> int:
+    """T of encode_ranked_ids: ranks below T take one byte; the largest T whose escapes still reach every rank."""
+    if table_size <= 256:
+        return 256
+    return 256 - -(-(table_size - 256) // (256 ** (width - 1) - 1))
+
+
+def encode_ranked_ids(ranks: np.ndarray, table_size: int, width: int) -> bytes:
+    """Ranks in a shard's id table: one byte each (r < T, or T + high part), then the escaped ranks' low bytes."""
+    ranks = np.asarray(ranks, dtype=np.int64).reshape(-1)
+    threshold = escape_threshold(table_size, width)
+    escaped = ranks >= threshold
+    over = ranks[escaped] - threshold
+    shift = 8 * (width - 1)
+    first = np.where(escaped, threshold + (np.maximum(ranks - threshold, 0) >> shift), ranks)
+    rest = to_planes((over & ((1 << shift) - 1)).astype(np.uint32), width - 1) if width > 1 else b""
+    return first.astype(np.uint8).tobytes() + rest
+
+
+def decode_ranked_ids(data: np.ndarray, count: int, table: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of encode_ranked_ids and the table lookup: int32 token ids [count]."""
+    threshold = escape_threshold(table.size, width)
+    first = data[:count]
+    escaped = np.flatnonzero(first >= threshold)
+    if first.size != count or data.size != count + escaped.size * (width - 1):
+        raise ValueError(f"{data.size} bytes do not hold {count} ranked ids with {escaped.size} escapes")
+    table = table.astype(np.int32)
+    one_byte = np.full(256, -1, dtype=np.int32)  # id of each one-byte rank; -1: an escape or outside the table
+    one_byte[:min(threshold, table.size)] = table[:threshold]
+    ids = np.take(one_byte, first)
+    if escaped.size:
+        low = from_planes(data[count:], width - 1).astype(np.int64)
+        ids[escaped] = table[threshold + ((first[escaped].astype(np.int64) - threshold) << (8 * (width - 1))) + low]
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"a rank is outside the id table of {table.size} ids")
+    return ids  # (an escaped rank outside the table raised IndexError above)
 
 
 def encode_mask(mask: np.ndarray) -> bytes:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from cache.errors import CacheCorruptError, CacheError, CacheMismatchError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: top-k ids as ranks in a per-shard id table (cache.codec); version-1 caches are refused
 CORE = "core"  # column group of the token ids, loss mask and top-k targets
 METADATA_KEY = b"lkspec"
 # zstd levels: the core columns gain nothing measurable above 3 (bench/cache_codec.py); hidden-state
@@ -20,7 +20,8 @@ METADATA_KEY = b"lkspec"
 CORE_ZSTD_LEVEL = 3
 FEATURE_ZSTD_LEVEL = 1
 
-CORE_COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs")  # encoded by cache.codec
+CORE_COLUMNS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "topk_id_table")  # encoded by cache.codec
+ID_TABLE_COLUMN = "topk_id_table"  # the shard's top-k id table in row 0, empty in every other row
 FEATURE_COLUMN = "values"
 _ROW = [pa.field("sample_id", pa.string(), nullable=False), pa.field("num_tokens", pa.int32(), nullable=False)]
 CORE_FIELDS = pa.schema([*_ROW, pa.field("num_positions", pa.int32(), nullable=False),
