@@ -113,6 +113,10 @@ def test_build_on_ray_writes_a_verified_cache_and_reuses_it(reference_build, tin
 
     again = run_build(tiny_config(tiny_llama_dir, dataset, reference.path.parent))
     assert again.reused and again.path == reference.path
+    # --dtype auto (the default) was resolved before the key: fp32 on the AVX2 CPU the tests assume (conftest)
+    assert manifest["identity"]["dtype"] == stats["dtype"] == "fp32"
+    explicit = run_build(tiny_config(tiny_llama_dir, dataset, reference.path.parent, dtype="fp32"))
+    assert explicit.reused and explicit.key == reference.key
 
 
 def _named_workers(prefix: str) -> list[dict]:
@@ -309,7 +313,8 @@ def test_cli_info_and_verify_detect_a_flipped_byte(reference, tmp_path, capsys):
     copy = tmp_path / reference.key
     shutil.copytree(reference.path, copy)
     assert main(["cache", "info", str(copy)]) == 0
-    assert "24" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "24" in out and any(line.split() == ["dtype", "fp32"] for line in out.splitlines())
     assert main(["cache", "info", str(copy), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["manifest"]["key"] == reference.key and info["stats"]["sequences"] == 24

@@ -169,6 +169,23 @@ def test_build_refuses_bad_arguments_before_starting_ray(tmp_path, capsys, tiny_
     assert ray.is_initialized() == was_running and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("cpu, device, dtype, expected", [
+    ("avx2", "cpu", "auto", "fp32"), ("avx2", "auto", "auto", "fp32"), ("amx", "cpu", "auto", "bf16"),
+    ("avx512_bf16", "auto", "auto", "bf16"), ("avx2", "cpu", "bf16", "bf16"), ("amx", "cpu", "fp32", "fp32"),
+])
+def test_build_resolves_dtype_auto_for_the_workers_device_before_the_key(monkeypatch, tmp_path, cpu, device, dtype,
+                                                                         expected):
+    import torch
+
+    from pipeline.build import BuildConfig, resolve_build_dtype
+
+    monkeypatch.setenv("LKSPEC_ASSUME_CPU", cpu)
+    if torch.cuda.is_available():
+        pytest.skip("device auto is cuda on a machine with a GPU")
+    config = BuildConfig(target="t", data="d", out=tmp_path, device=device, dtype=dtype)
+    assert resolve_build_dtype(config) == expected
+
+
 def test_build_refuses_k_larger_than_the_vocabulary(tmp_path, capsys, tiny_llama_dir):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
