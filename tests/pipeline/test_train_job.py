@@ -170,6 +170,7 @@ def test_two_workers_zero2_loss_falls(zero2_run):
     assert [m["step"] for m in evals] == [8, 16, 24]
     run = read_run(zero2_run)
     assert run["status"] == "done" and run["world_size"] == 2 and run["zero"] == 2
+    assert run["dtype"] == "fp32"  # --dtype auto on the AVX2 CPU the tests assume (conftest)
     assert run["best"]["tau"] == max(m["eval"]["tau"] for m in evals)
     assert (zero2_run / "best" / "config.json").is_file()
     assert any((zero2_run / "tb").iterdir())
