@@ -1,26 +1,32 @@
 """Device check of lkspec's GPU paths, without Ray: cache build, training, losses, speculative decoding.
 
-    python bench/gpu_check.py --device cuda --out $OUT            # a GPU machine (a few minutes on an H200)
+    python bench/gpu_check.py --device cuda --out $OUT            # one GPU; default parts sized for < 8 min on an H200 (not yet timed)
     python bench/gpu_check.py --device cpu --quick --out /tmp/gc  # the same logic, small shapes, on a CPU
 
 Models are random-weight transformers built from configs of real shapes (SmolLM2-135M, Qwen2.5-1.5B)
 and the `tiny` drafter preset: no weights travel. Each part is timed and guarded: a failure is
 recorded with its traceback and the next part still runs. Results go to OUT/gpu_check.json and a
-table on stdout.
+table on stdout. The two goals: build ÷ bare forward >= 0.90 with host encoding included (the build
+part's "worker" column) and LK^λ step ÷ KL step <= 1.05 (the train part).
 
 Every part runs in --dtype (default auto: bf16 on a GPU with bf16; on a CPU bf16 only with AVX-512
 BF16 or AMX, and an emulated bf16 is refused unless --allow-emulated-bf16).
 
-1. build: `TargetWorker.run_shard` (the cache build's worker path: k=64, EAGLE-3 aux features)
-   over random token batches, shards written with CacheWriter and read back with open_cache;
-   positions/s of `target_topk` and of the bare target forward (full logits) on the same batch, and
-   top-1 agreement of the stored top-k with that forward's fp32 log_softmax.
+1. build: the honest reference is `target_worker.bare_forward` (backbone + LM head at the trained
+   positions only). Against it, on the same batch: `target_topk` (top-k minus log-sum-exp, results
+   copied to the host), with and without EAGLE-3 aux features; and the worker path as its Ray
+   actor runs it: `TargetWorker.run_shard` over several shards, two in flight (one on the GPU, one
+   being encoded and committed), wall time over all shards. Shards are read back with open_cache
+   and the stored top-1 is checked against the full model's fp32 log_softmax.
+   syncs: the CUDA synchronizations (torch's sync debug mode) of one build batch and of one KL and
+   one LK^λ loss step, with the file:line of each.
 2. train: `trainer.loop.run_worker` in this process (RANK=0, WORLD_SIZE=1; NCCL on GPU, gloo on CPU)
-   training the tiny drafter from the SmolLM2-shaped cache with kl, lk_alpha and lk_lambda; and the
-   loss-only bench (bench/losses.py's functions) at N x V with dense and top-64 targets.
-3. decode: `eval.speculative.speculative_generate` with the SmolLM2-shaped target drafting for
-   itself (acceptance 1: the decoder's overhead ceiling) and with the tiny drafter, vs the target
-   alone (k=0) and vs transformers `generate(assistant_model=...)`.
+   training the tiny drafter from the SmolLM2-shaped cache with kl, lk_alpha and lk_lambda (40 steps,
+   medians after 10); and the loss-only bench (bench/losses.py's functions) at N x V with dense and
+   top-64 targets.
+3. decode (not in the default parts): `eval.speculative.speculative_generate` with the
+   SmolLM2-shaped target drafting for itself (acceptance 1: the decoder's overhead ceiling) and
+   with the tiny drafter, vs the target alone (k=0) and vs transformers `generate(assistant_model=...)`.
 """
 from __future__ import annotations
 
@@ -162,7 +168,6 @@ def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
     model = worker.model
     shard_samples = [random_samples(2 * batch, length, vocab, seed=s, prefix=f"shard{s}") for s in range(args.shards)]
     target_topk(model, shard_samples[0][:batch], K, ("aux",), aux)  # warm-up: kernels, cuBLAS handles
-    worker.run_shard(ShardTask(args.shards + 1, tuple(shard_samples[0][:batch])))  # warm-up of the write path
 
     # the worker path as its Ray actor runs it: SHARDS_IN_FLIGHT shards at once, two batches per shard,
     # encoding and commit of one shard alongside the next one's forward
@@ -185,13 +190,13 @@ def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
         "topk_aux_s": median_time(lambda: target_topk(model, one_batch, K, ("aux",), aux), device, args.repeats),
     }
     computed = target_topk(model, one_batch, K, ("aux",), aux)
-    # shard 2: the in-memory result through CacheWriter; shards 0-1 came from the worker
+    # the last shard: the in-memory result through CacheWriter; the others came from the worker
     from cache import SequenceRecord
 
     writer = CacheWriter(cache_dir, k=K, vocab_size=vocab, features=("aux",), feature_dims={"aux": 3 * hidden})
     records = [SequenceRecord(f"direct:{s.sample_id}", s.input_ids, s.loss_mask, ids, logprobs, feats)
                for s, (ids, logprobs, feats) in zip(one_batch, computed)]
-    manifest.record_shard(writer.write_shard(2, records))
+    manifest.record_shard(writer.write_shard(args.shards, records))
     manifest.finalize()
 
     reader = open_cache(cache_dir)

@@ -21,7 +21,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.ray_session import ray_session  # noqa: E402
-from pipeline.target_worker import BuildError, Sample, ShardTask, WorkerSpec, aux_layers  # noqa: E402
+from pipeline.target_worker import (SHARDS_IN_FLIGHT, BuildError, Sample, ShardTask, WorkerSpec,  # noqa: E402
+                                    aux_layers)
 from trainer.precision import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 
 STATS_NAME = "stats.json"
@@ -49,7 +50,8 @@ class BuildConfig:
     max_length: int = 1024
     workers: int = 2
     dtype: str = "auto"  # auto: bf16 where the workers' device computes it natively, else fp32 (resolve_build_dtype)
-    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs (one per worker), else cpu
+    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs, else cpu
+    gpus_per_worker: int | str = "auto"  # cuda workers: GPUs each; auto = the fewest that hold the target (pipeline.plan)
     features: tuple[str, ...] = ()
     regenerate: bool = False
     max_new_tokens: int = 256
@@ -76,6 +78,8 @@ class BuildConfig:
             ("workers", _int_at_least(self.workers, 1), "an integer >= 1"),
             ("dtype", self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
             ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
+            ("gpus_per_worker", self.gpus_per_worker == "auto" or _int_at_least(self.gpus_per_worker, 1),
+             "auto or an integer >= 1"),
             ("features", all(f in FEATURE_NAMES for f in self.features), "none, last, aux or last,aux"),
             ("max_new_tokens", _int_at_least(self.max_new_tokens, 1), "an integer >= 1"),
             ("seed", _int_at_least(self.seed, 0), "an integer >= 0"),
@@ -370,6 +374,7 @@ class _RunState:
     worker_restarts: int = 0
     workers: int = 0
     device: str | None = None  # resolved device of the workers (None: nothing computed this run)
+    gpus_per_worker: int = 0
     skipped: Counter = field(default_factory=Counter)
 
 
@@ -396,11 +401,20 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
     workers = min(config.workers, len(pending), max(1, int(cpus // spec.threads)))
     if workers < config.workers and workers < len(pending):
         _stderr(f"only {cpus:g} CPUs in the cluster: running {workers} workers of {spec.threads} threads")
-    if spec.device == "cuda" and int(gpus) < workers:
-        workers = int(gpus)
-        _stderr(f"only {gpus:g} GPUs in the cluster: running {workers} workers of one GPU each")
-    run.workers, run.device = workers, spec.device
-    num_gpus = 1 if spec.device == "cuda" else 0
+    if spec.device == "cuda":
+        placement, slots = place_target_on_gpus(Path(spec.model_path), config.target, config.gpus_per_worker,
+                                                token_budget=spec.token_budget, dtype=spec.dtype, k=spec.k,
+                                                features=spec.features)
+        spec = replace(spec, gpus=placement.gpus_per_worker, max_memory_bytes=placement.max_memory_bytes)
+        if slots < workers:
+            workers = slots
+            _stderr(f"{gpus:g} GPUs in the cluster: running {workers} workers of {spec.gpus} GPU(s) each")
+    elif config.gpus_per_worker not in ("auto", 1):
+        raise BuildError(f"--gpus-per-worker {config.gpus_per_worker} needs GPU workers, but they run on the CPU "
+                         "(the cluster has no GPU, or --device cpu)")
+    run.workers, run.device, run.gpus_per_worker = workers, spec.device, spec.gpus if spec.device == "cuda" else 0
+    num_gpus = spec.gpus if spec.device == "cuda" else 0
+    # threaded actors: one shard on the model while the previous one is encoded and written
     remote_worker = ray.remote(TargetWorker)
     generations = Counter()
 
@@ -408,37 +422,40 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
         name = worker_name(key, slot, generations[slot])
         generations[slot] += 1
         return remote_worker.options(num_cpus=spec.threads, num_gpus=num_gpus, name=name,
-                                     namespace=ACTOR_NAMESPACE, max_restarts=0, max_task_retries=0).remote(spec)
+                                     namespace=ACTOR_NAMESPACE, max_restarts=0, max_task_retries=0,
+                                     max_concurrency=SHARDS_IN_FLIGHT).remote(spec)
 
     actors = {slot: start(slot) for slot in range(workers)}
     queue = deque(pending)
     attempts: Counter = Counter()
-    in_flight: dict = {}  # ObjectRef -> (slot, task)
+    in_flight: dict = {}  # ObjectRef -> (slot, actor, task)
     total_tokens = sum(len(s.input_ids) for task in pending for s in task.samples)
     progress = tqdm(total=total_tokens, unit="tok", unit_scale=True, disable=not config.progress,
                     desc=f"cache {key[:8]}", file=sys.stderr, dynamic_ncols=True)
     progress.set_postfix_str(f"0/{len(pending)} shards")
     try:
         while queue or in_flight:
-            busy = {slot for slot, _ in in_flight.values()}
-            for slot in sorted(set(actors) - busy):
-                if queue:
+            busy = Counter(slot for slot, _, _ in in_flight.values())
+            for slot in sorted(actors):
+                while queue and busy[slot] < SHARDS_IN_FLIGHT:
                     task = queue.popleft()
-                    in_flight[actors[slot].run_shard.remote(task)] = (slot, task)
+                    in_flight[actors[slot].run_shard.remote(task)] = (slot, actors[slot], task)
+                    busy[slot] += 1
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            slot, task = in_flight.pop(ready[0])
+            slot, actor, task = in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except (RayActorError, WorkerCrashedError) as exc:
                 attempts[task.index] += 1
-                run.worker_restarts += 1
                 if attempts[task.index] >= config.max_attempts:
                     raise BuildError(f"shard {task.index} failed {attempts[task.index]} times because its worker "
                                      f"died (out of memory?): {_first_line(exc)}") from None
-                _stderr(f"worker {slot} died on shard {task.index}; starting a replacement and redoing it")
-                ray.kill(actors[slot], no_restart=True)
-                actors[slot] = start(slot)
                 queue.appendleft(task)
+                if actor is actors[slot]:  # the other shard in flight on a dead actor finds it replaced
+                    run.worker_restarts += 1
+                    _stderr(f"worker {slot} died on shard {task.index}; starting a replacement and redoing it")
+                    ray.kill(actor, no_restart=True)
+                    actors[slot] = start(slot)
                 continue
             except RayTaskError as exc:
                 cause = getattr(exc, "cause", None)
@@ -459,6 +476,40 @@ def _dispatch(pending: list[ShardTask], spec: WorkerSpec, manifest, config: Buil
         progress.close()
         for actor in actors.values():
             ray.kill(actor, no_restart=True)
+
+
+def place_target_on_gpus(model_dir: Path, name: str, gpus_per_worker: int | str, *, token_budget: int, dtype: str,
+                         k: int, features: tuple[str, ...] = ()):
+    """(Placement, worker slots in the cluster) of a target on the Ray cluster's GPUs, from its config.json.
+
+    `gpus_per_worker` is a number, or `auto` for the fewest GPUs that hold the weights and a batch
+    (pipeline.plan.plan_placement); BuildError when that many do not fit on one node.
+    """
+    import ray
+
+    from pipeline.plan import PlanError, plan_placement, read_model_shape
+
+    node_gpus = [int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]]
+    shape = read_model_shape(json.loads((model_dir / "config.json").read_text()), name=name)
+    try:
+        placement = plan_placement(shape, gpu_memory_bytes=_gpu_memory_bytes(), gpus_per_node=max(node_gpus),
+                                   token_budget=token_budget, dtype=dtype, k=k, features=features,
+                                   gpus=None if gpus_per_worker == "auto" else int(gpus_per_worker))
+    except PlanError as exc:
+        raise BuildError(f"--gpus-per-worker {gpus_per_worker}: {exc}") from None
+    return placement, sum(count // placement.gpus_per_worker for count in node_gpus)
+
+
+def _gpu_memory_bytes() -> int:
+    """Memory of one of the cluster's GPUs (Ray does not report it: a one-GPU task asks torch)."""
+    import ray
+
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(total_memory).remote())
 
 
 def worker_device(requested: str, cluster_gpus: float) -> str:
@@ -514,6 +565,7 @@ def _stats(config: BuildConfig, manifest, plan: Plan, reused_shards: int, run: _
         "worker_restarts": run.worker_restarts,
         "dtype": config.dtype,
         "device": run.device,
+        "gpus_per_worker": run.gpus_per_worker,
         "k": config.k,
         "features": list(config.features),
     }

@@ -57,8 +57,11 @@ def register(subparsers) -> None:
                             "cluster whose GPUs this machine cannot see, auto is fp32: pass bf16). The resolved "
                             "dtype enters the cache key")
     build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where the target runs: cuda gives each worker one GPU; auto picks cuda when the "
-                            "Ray cluster has GPUs")
+                       help="where the target runs: cuda puts each worker on its own GPU(s); auto picks cuda when "
+                            "the Ray cluster has GPUs")
+    build.add_argument("--gpus-per-worker", type=_gpus_per_worker, default="auto", metavar="N|auto",
+                       help="GPUs each cuda worker holds, the target split over them layer by layer; auto: the "
+                            "fewest whose memory holds the weights and a batch (see `lkspec plan`)")
     build.add_argument("--features", default="none",
                        help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux")
     build.add_argument("--regenerate", action="store_true",
@@ -106,6 +109,19 @@ def register(subparsers) -> None:
     gc.set_defaults(func=cmd_gc)
 
 
+def _gpus_per_worker(text: str) -> int | str:
+    """--gpus-per-worker: `auto` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
+    return value
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     """`cache build`: validate, build (or resume, or reuse) and print the cache directory last."""
     from pipeline.build import BuildConfig, ConfigError, parse_features
@@ -114,6 +130,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         config = BuildConfig(
             target=args.target, data=args.data, out=args.out, k=args.k, limit=args.limit,
             max_length=args.max_length, workers=args.workers, dtype=args.dtype, device=args.device,
+            gpus_per_worker=args.gpus_per_worker,
             features=parse_features(args.features), regenerate=args.regenerate,
             max_new_tokens=256 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed, skip_invalid=args.skip_invalid,
             shard_size=args.shard_size, token_budget=args.token_budget, threads=args.threads,

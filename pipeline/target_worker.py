@@ -1,20 +1,26 @@
 """The target pass of one shard: teacher-forced forward, top-k log-probs, features, shard commit.
 
 `TargetWorker` is the Ray actor; the functions it calls are plain and also serve benchmarks and tests.
+A worker holds one shard on the model while the previous shard is encoded and written (a threaded
+actor, two shards in flight), and within a shard it queues the next batch's forward before it reads
+the previous batch's results back: on a GPU nothing in the loop waits for the device except that read.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import inspect
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-LOGITS_CHUNK = 1024  # positions per lm_head + log_softmax chunk: bounds memory at chunk * vocab * 4 bytes
+LOGITS_CHUNK = 1024  # positions per lm_head + top-k chunk: bounds memory at chunk * vocab * 4 bytes
+SHARDS_IN_FLIGHT = 2  # per worker: one on the model, one being encoded and written
 
 
 class BuildError(RuntimeError):
@@ -61,7 +67,9 @@ class WorkerSpec:
     max_new_tokens: int = 256
     max_length: int = 1024
     seed: int = 0
-    device: str = "cpu"  # "cpu" or "cuda" (resolved by the driver; a cuda actor holds one GPU)
+    device: str = "cpu"  # "cpu" or "cuda" (resolved by the driver)
+    gpus: int = 1  # GPUs a cuda worker holds; > 1 splits the target over them (accelerate device map)
+    max_memory_bytes: int = 0  # weight budget per GPU for the device map (pipeline.plan.plan_placement)
 
 
 def aux_layers(num_layers: int) -> tuple[int, int, int]:
@@ -97,66 +105,152 @@ def pad_batch(samples: Sequence[Sample]):
     return input_ids, attention
 
 
-def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str] = (),
-                aux: Sequence[int] = ()) -> list[tuple[np.ndarray, np.ndarray, dict]]:
-    """One padded teacher-forced forward of a batch: per sample (topk_ids [P,k], topk_logprobs [P,k], features).
+def topk_logprobs(logits, k: int):
+    """Top-k log-probs and ids `[c, k]` of fp32 logits `[c, V]` (overwritten), and per-row finiteness `[c]`.
+
+    Top-k of the raw logits, then log p = (z − max) − log Σ_V exp(z − max): the log-softmax of the
+    k kept entries without writing a log-softmax over V. A row with a NaN or +inf logit, or fewer
+    than k finite ones, is not finite.
+    """
+    import torch
+
+    values, ids = torch.topk(logits, k, dim=-1)
+    top = values[:, :1]  # the row max (NaN first when present)
+    log_sum = logits.sub_(top).exp_().sum(-1, keepdim=True).log_()
+    logprobs = (values - top).sub_(log_sum)
+    return logprobs, ids, torch.isfinite(logprobs).all(-1)
+
+
+@contextlib.contextmanager
+def layer_inputs(model, layers: Sequence[int]) -> Iterator[dict]:
+    """Capture the hidden states entering decoder layers `layers` (= HF `hidden_states[i]`) during a forward.
+
+    Only those layers are kept, where `output_hidden_states` would keep every layer's states.
+    """
+    captured: dict = {}
+    blocks = model.get_decoder().layers
+
+    def hook(index):
+        def store(_module, args, kwargs):
+            captured[index] = args[0] if args else kwargs["hidden_states"]
+        return store
+
+    handles = [blocks[i].register_forward_pre_hook(hook(i), with_kwargs=True) for i in dict.fromkeys(layers)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class PendingTopk:
+    """One batch's top-k and features on their way to host memory; `result()` waits and splits them."""
+
+    def __init__(self, samples, counts, lengths, host: dict, event):
+        self.samples, self.counts, self.lengths, self.host, self.event = samples, counts, lengths, host, event
+
+    def result(self) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+        """Per sample (topk_ids int32 [P,k], topk_logprobs float32 [P,k], {feature: float32 [T, dim]})."""
+        if self.event is not None:
+            self.event.synchronize()  # the batch's only wait for the device
+        finite = self.host.pop("finite").numpy()
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            sample_index = int(np.searchsorted(np.cumsum(self.counts), bad, side="right"))
+            sample = self.samples[sample_index]
+            t = int(np.flatnonzero(sample.loss_mask[1:])[bad - sum(self.counts[:sample_index])])
+            raise NonFiniteLogitsError(f"the target produced NaN or inf logits for sample {sample.sample_id!r} "
+                                       f"at position {t} (dtype problem or broken weights)")
+        ids, logprobs = self.host.pop("ids").numpy(), self.host.pop("logprobs").numpy()
+        features = {name: tensor.float().numpy() for name, tensor in self.host.items()}  # bf16 -> fp32 is exact
+        rows, tokens = np.cumsum([0, *self.counts]), np.cumsum([0, *self.lengths])
+        return [(ids[rows[b]:rows[b + 1]], logprobs[rows[b]:rows[b + 1]],
+                 {name: values[tokens[b]:tokens[b + 1]] for name, values in features.items()})
+                for b in range(len(self.samples))]
+
+
+def launch_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str] = (),
+                aux: Sequence[int] = ()) -> PendingTopk:
+    """Queue one padded teacher-forced forward of a batch and the copies of its results to the host.
 
     Row j of sample b is the target's distribution at position t_j - 1 (it predicts token t_j), for
-    the trained positions t_j >= 1. lm_head runs only at those positions; log_softmax and top-k run
-    in fp32 whatever the model's dtype. Inputs go to `model.device`; results come back as CPU arrays.
+    the trained positions t_j >= 1. lm_head runs only at those positions and top-k in fp32 whatever
+    the model's dtype. Nothing here waits for a GPU: inputs and indices go up from pinned memory,
+    results come down into pinned memory asynchronously, and a CUDA event marks the end.
+    """
+    import torch
+
+    device = model.device
+    cuda = device.type == "cuda"
+    lengths = [len(s.input_ids) for s in samples]
+    input_ids, attention = pad_batch(samples)
+    width = input_ids.shape[1]
+    trained = [np.flatnonzero(s.loss_mask[1:]) for s in samples]  # = t_j - 1
+    counts = [len(t) for t in trained]
+    positions = torch.from_numpy(np.concatenate([b * width + t for b, t in enumerate(trained)]).astype(np.int64))
+    tokens = torch.from_numpy(np.concatenate([b * width + np.arange(n) for b, n in enumerate(lengths)]))
+
+    def up(tensor, where=device):
+        return (tensor.pin_memory() if cuda else tensor).to(where, non_blocking=True)
+
+    def down(tensor):
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=cuda)
+        return host.copy_(tensor, non_blocking=True)
+
+    with torch.inference_mode():
+        with layer_inputs(model, aux if "aux" in features else ()) as captured:
+            hidden = model.get_decoder()(input_ids=up(input_ids), attention_mask=up(attention),
+                                         use_cache=False).last_hidden_state  # [B, T, d]
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        selected = flat.index_select(0, up(positions, flat.device))  # [P, d]
+        head = model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        parts = []
+        for start in range(0, selected.shape[0], LOGITS_CHUNK):
+            logits = head(selected[start:start + LOGITS_CHUNK]).float()  # [chunk, V]
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            parts.append(topk_logprobs(logits, k))
+        host = {"logprobs": down(torch.cat([p[0] for p in parts])),
+                "ids": down(torch.cat([p[1] for p in parts]).to(torch.int32)),
+                "finite": down(torch.cat([p[2] for p in parts]))}
+        layers = {"last": [hidden]} if "last" in features else {}
+        if "aux" in features:
+            layers["aux"] = [captured[i].to(flat.device) for i in aux]
+        for name, tensors in layers.items():  # every token of every sequence, in the model's dtype
+            stacked = torch.cat([t.reshape(-1, t.shape[-1]) for t in tensors], dim=-1)
+            host[name] = down(stacked.index_select(0, up(tokens, stacked.device)))
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+    return PendingTopk(list(samples), counts, lengths, host, event)
+
+
+def bare_forward(model, samples: Sequence[Sample]) -> list:
+    """The honest limit of a target pass: the backbone, then the LM head at the trained positions only.
+
+    What a build cannot avoid computing (no top-k, no copies to the host): benchmarks divide by it.
     """
     import torch
 
     device = model.device
     input_ids, attention = (t.to(device) for t in pad_batch(samples))
-    lengths = [len(s.input_ids) for s in samples]
+    width = input_ids.shape[1]
+    positions = torch.from_numpy(np.concatenate([b * width + np.flatnonzero(s.loss_mask[1:])
+                                                 for b, s in enumerate(samples)]).astype(np.int64))
     with torch.inference_mode():
-        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention,
-                                      output_hidden_states=bool(features), use_cache=False)
-        hidden = outputs.last_hidden_state  # [B, T, d]
-        rows, cols = [], []
-        for b, sample in enumerate(samples):
-            targets = np.flatnonzero(sample.loss_mask[1:])  # = t_j - 1
-            rows.append(np.full(len(targets), b))
-            cols.append(targets)
-        rows_t = torch.from_numpy(np.concatenate(rows)).long().to(device)
-        cols_t = torch.from_numpy(np.concatenate(cols)).long().to(device)
-        selected = hidden[rows_t, cols_t]  # [P_total, d]
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        selected = flat.index_select(0, positions.to(flat.device))
         head = model.get_output_embeddings()
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        top_ids, top_logprobs = [], []
-        for start in range(0, selected.shape[0], LOGITS_CHUNK):
-            logits = head(selected[start:start + LOGITS_CHUNK]).float()  # [chunk, V]
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            finite = torch.isfinite(logits).all(dim=-1)
-            if not bool(finite.all()):
-                bad = start + int((~finite).nonzero()[0, 0])
-                b, t = int(rows_t[bad]), int(cols_t[bad])
-                raise NonFiniteLogitsError(
-                    f"the target produced NaN or inf logits for sample {samples[b].sample_id!r} at "
-                    f"position {t} (dtype problem or broken weights)"
-                )
-            values, ids = torch.topk(torch.log_softmax(logits, dim=-1), k, dim=-1)
-            top_ids.append(ids.to(torch.int32))
-            top_logprobs.append(values)
-        all_ids = torch.cat(top_ids).cpu().numpy() if top_ids else np.zeros((0, k), np.int32)
-        all_logprobs = torch.cat(top_logprobs).cpu().numpy() if top_logprobs else np.zeros((0, k), np.float32)
-        layers = {}
-        if "last" in features:
-            layers["last"] = [hidden]
-        if "aux" in features:
-            layers["aux"] = [outputs.hidden_states[i] for i in aux]
-        results, offset = [], 0
-        for b, sample in enumerate(samples):
-            count = len(cols[b])
-            feats = {
-                name: torch.cat([h[b, : lengths[b]] for h in tensors], dim=-1).float().cpu().numpy()
-                for name, tensors in layers.items()
-            }
-            results.append((all_ids[offset:offset + count], all_logprobs[offset:offset + count], feats))
-            offset += count
-    return results
+        return [head(selected[start:start + LOGITS_CHUNK]) for start in range(0, selected.shape[0], LOGITS_CHUNK)]
+
+
+def target_topk(model, samples: Sequence[Sample], k: int, features: Sequence[str] = (),
+                aux: Sequence[int] = ()) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """One batch's per-sample (topk_ids [P,k], topk_logprobs [P,k], features) as CPU arrays (launch_topk, then wait)."""
+    return launch_topk(model, samples, k, features, aux).result()
 
 
 def sample_seed(seed: int, sample_id: str, turn: int) -> int:
@@ -222,18 +316,48 @@ def regenerate(model, tokenizer, messages: Sequence[dict], *, sample_id: str, se
     return result
 
 
+def load_placed_model(path, *, dtype: str, max_memory: dict, offload_folder: str | None = None):
+    """A causal LM split over the devices of `max_memory` (accelerate device map, whole layers, in order).
+
+    Raises BuildError when a module would land anywhere else (the devices are too small).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto", max_memory=max_memory,
+                                                 offload_folder=offload_folder, trust_remote_code=False)
+    allowed = set(max_memory) | ({"disk"} if offload_folder else set())
+    outside = {str(device) for device in model.hf_device_map.values()} - {str(device) for device in allowed}
+    if outside:
+        raise BuildError(f"the target does not fit in {sorted(map(str, max_memory))} with "
+                         f"{max(max_memory.values()) / 2**30:.1f} GiB each: modules went to {sorted(outside)}; "
+                         "give more --gpus-per-worker (or auto)")
+    return model.eval()
+
+
+def load_target(spec: WorkerSpec):
+    """The worker's model: on one device, or split over `spec.gpus` GPUs."""
+    from pipeline.models import load_model
+
+    if spec.device == "cuda" and spec.gpus > 1:
+        return load_placed_model(spec.model_path, dtype=spec.dtype,
+                                 max_memory={gpu: spec.max_memory_bytes for gpu in range(spec.gpus)})
+    return load_model(spec.model_path, dtype=spec.dtype, device=spec.device)
+
+
 class TargetWorker:
-    """Ray actor: holds the target model and commits the shards it is given."""
+    """Ray actor (threaded, SHARDS_IN_FLIGHT at once): holds the target model and commits the shards it is given."""
 
     def __init__(self, spec: WorkerSpec):
         import torch
 
         from cache import CacheWriter
-        from pipeline.models import load_model
 
         torch.set_num_threads(spec.threads)  # same thread count everywhere: same bits everywhere
         self.spec = spec
-        self.model = load_model(spec.model_path, dtype=spec.dtype, device=spec.device)
+        self.model = load_target(spec)
+        self.model_lock = threading.Lock()  # one shard on the model at a time
         self.tokenizer = None
         if spec.regenerate:
             from transformers import AutoTokenizer
@@ -247,21 +371,18 @@ class TargetWorker:
         return os.getpid()
 
     def run_shard(self, task: ShardTask) -> dict:
-        """Compute and commit one shard; returns {"info": ShardInfo, "tokens", "seconds", "skipped"}."""
-        from cache import SequenceRecord
+        """Compute and commit one shard; returns {"info": ShardInfo, "tokens", "seconds", "skipped", ...}.
 
-        started = time.perf_counter()
-        samples, skipped = list(task.samples), {}
-        if self.spec.regenerate:
-            samples, skipped = self._regenerate(samples)
-        records: list[SequenceRecord | None] = [None] * len(samples)
-        for batch in plan_batches([len(s.input_ids) for s in samples], self.spec.token_budget):
-            outputs = target_topk(self.model, [samples[i] for i in batch], self.spec.k,
-                                  self.spec.features, self.spec.aux_layers)
-            for i, (ids, logprobs, feats) in zip(batch, outputs):
-                sample = samples[i]
-                records[i] = SequenceRecord(sample.sample_id, sample.input_ids, sample.loss_mask, ids, logprobs,
-                                            feats)
+        The model is held only to compute; encoding and the atomic commit run after it is released,
+        alongside the next shard's forward.
+        """
+        with self.model_lock:
+            started = time.perf_counter()
+            samples, skipped = list(task.samples), {}
+            if self.spec.regenerate:
+                samples, skipped = self._regenerate(samples)
+            records = self.compute_records(samples)
+            computed = time.perf_counter()
         try:
             info = self.writer.write_shard(task.index, records)
         except OSError as exc:
@@ -272,8 +393,27 @@ class TargetWorker:
                     "kept; no partial file is ever accepted)"
                 ) from None
             raise
-        return {"info": info, "tokens": int(sum(len(s.input_ids) for s in samples)),
-                "seconds": time.perf_counter() - started, "skipped": skipped}
+        done = time.perf_counter()
+        return {"info": info, "tokens": int(sum(len(s.input_ids) for s in samples)), "seconds": done - started,
+                "compute_seconds": computed - started, "write_seconds": done - computed, "skipped": skipped}
+
+    def compute_records(self, samples: list[Sample]) -> list:
+        """SequenceRecords of `samples`: batch i+1 is queued before batch i's results are read back."""
+        from cache import SequenceRecord
+
+        records: list = [None] * len(samples)
+        pending = None
+        for batch in [*plan_batches([len(s.input_ids) for s in samples], self.spec.token_budget), None]:
+            launched = None if batch is None else (batch, launch_topk(
+                self.model, [samples[i] for i in batch], self.spec.k, self.spec.features, self.spec.aux_layers))
+            if pending is not None:
+                indices, result = pending
+                for i, (ids, logprobs, feats) in zip(indices, result.result()):
+                    sample = samples[i]
+                    records[i] = SequenceRecord(sample.sample_id, sample.input_ids, sample.loss_mask, ids, logprobs,
+                                                feats)
+            pending = launched
+        return records
 
     def _regenerate(self, samples: list[Sample]) -> tuple[list[Sample], dict]:
         from pipeline.chat import tokenize_conversation
