@@ -92,7 +92,7 @@ class Drafter:
 
 
 def resolve_drafter(spec: str) -> Drafter:
-    """A training run directory (run.json + model/), an EAGLE-3 export, a HF directory, or a model alias."""
+    """A training run directory (run.json + model/), an export of any drafter family, a HF directory, or a model alias."""
     from pipeline.models import EMBEDDED_MODELS, resolve_model
 
     path = Path(spec).expanduser()
@@ -107,8 +107,9 @@ def resolve_drafter(spec: str) -> Drafter:
     if spec in EMBEDDED_MODELS:
         return Drafter(spec, resolve_model(spec).path)
     raise BenchConfigError(
-        f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3 "
-        "export (config.json + model.safetensors) or a Hugging Face directory with config.json"
+        f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3, "
+        "MEDUSA or MLP speculator export (config.json + model.safetensors) or a Hugging Face directory with "
+        "config.json"
     )
 
 

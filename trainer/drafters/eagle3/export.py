@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.drafters.base import ExportFormatError
+from trainer.drafters.base import ExportFormatError, read_export_config
 from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -110,14 +110,7 @@ def save_eagle3(model: Eagle3Model, out_dir: str | Path, *, metadata: dict | Non
 
 def is_eagle3_dir(path: str | Path) -> bool:
     """Whether path holds an EAGLE-3 drafter (config.json naming an EAGLE-3 architecture, and weights)."""
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    return bool(isinstance(architectures, list) and set(architectures) & set(ARCHITECTURES)
-                and (path / WEIGHTS).is_file())
+    return read_export_config(Path(path), ARCHITECTURES, WEIGHTS) is not None
 
 
 def read_config(model_dir: str | Path) -> Eagle3Config:

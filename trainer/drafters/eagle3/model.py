@@ -174,8 +174,17 @@ class Eagle3Model(nn.Module):
         """Target features [.., 3·d_target] -> the first step's hidden state [.., d]."""
         return self.fc(aux.to(self.fc.weight.dtype))
 
+    def layer(self, input_ids: Tensor, hidden: Tensor, positions: Tensor,
+              prefix: tuple[Tensor, Tensor] | None, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder layer of one draft step: (pre-norm out [B, T, d], keys, values of these rows)."""
+        return self.midlayer(self.embed_tokens(input_ids), hidden, positions, prefix, mask)
+
+    def logits(self, out: Tensor) -> Tensor:
+        """Draft-vocabulary logits [.., draft_vocab] of pre-norm outputs [.., d]."""
+        return self.lm_head(self.norm(out))
+
     def step(self, input_ids: Tensor, hidden: Tensor, positions: Tensor,
              prefix: tuple[Tensor, Tensor] | None, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One draft step: (logits [B, T, draft_vocab], pre-norm out [B, T, d], keys, values of these rows)."""
-        out, k, v = self.midlayer(self.embed_tokens(input_ids), hidden, positions, prefix, mask)
-        return self.lm_head(self.norm(out)), out, k, v
+        out, k, v = self.layer(input_ids, hidden, positions, prefix, mask)
+        return self.logits(out), out, k, v

@@ -132,12 +132,12 @@ class Eagle3Drafter(Drafter):
             tokens = shifted_tokens(input_ids, n)  # x_{t+n}
             mask = torch.cat([first] + [eye] * (n - 1), dim=-1)  # [B, T, n·T]
             prefix = (torch.cat(keys, 2), torch.cat(values, 2)) if keys else None
-            out, k, v = model.midlayer(model.embed_tokens(tokens), hidden, positions + (n - 1), prefix, mask)
+            out, k, v = model.layer(tokens, hidden, positions + (n - 1), prefix, mask)
             keys.append(k)
             values.append(v)
             rows, row_batch, row_pos = step_rows(target_batch, target_pos, n)
             picked = out[row_batch, row_pos]  # [N_n, d]: only these rows reach lm_head
-            steps.append(DraftStep(model.lm_head(model.norm(picked)), rows))
+            steps.append(DraftStep(model.logits(picked), rows))
             hidden = out
         return steps
 
