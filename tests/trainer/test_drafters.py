@@ -126,3 +126,39 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert [schedule(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert schedule(4) == 1.0 and schedule(9) < schedule(6) < 1.0 and schedule(10) == pytest.approx(0.0)
     assert warmup_cosine(10, 0)(0) == 1.0
+
+
+# --- the family registry ----------------------------------------------------------------------
+
+def test_families_are_looked_up_by_name_drafter_value_directory_and_model(tmp_path, tiny_target_dir):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.drafters import FAMILIES, family, family_for, family_of_dir, family_of_model
+    from trainer.drafters.medusa import MedusaConfig, MedusaModel, save_medusa
+
+    assert [f.name for f in FAMILIES] == ["eagle3", "medusa", "mlp", "independent"]
+    assert {f.name: f.default_eta for f in FAMILIES} == {"eagle3": 3.0, "medusa": 10.0, "mlp": 3.0, "independent": 3.0}
+    assert {f.name: f.columns for f in FAMILIES} == {"eagle3": ("aux",), "medusa": ("last",), "mlp": ("last",),
+                                                    "independent": ()}
+    for value, name in [("eagle3", "eagle3"), ("eagle3:steps=2", "eagle3"), ("medusa:heads=2", "medusa"),
+                        ("mlp", "mlp"), ("tiny", "independent"), ("/some/dir", "independent"),
+                        ("medusas", "independent"), ("mlp2:x=1", "independent")]:
+        assert family_for(value).name == name, value
+        assert family(name).name == name
+    for f in FAMILIES:
+        if f.options:
+            assert f.parse(f.example) and f.matches(f.example)  # the example in messages is valid
+    with pytest.raises(DrafterError, match="unknown drafter kind 'hydra'; known: eagle3, medusa, mlp, independent"):
+        family("hydra")
+    save_medusa(MedusaModel(MedusaConfig(hidden_size=8, vocab_size=16, num_heads=2)), tmp_path / "m")
+    assert family_of_dir(tmp_path / "m").name == "medusa" and family_of_dir(tiny_target_dir).name == "independent"
+    assert family_of_model(AutoModelForCausalLM.from_pretrained(tiny_target_dir)).name == "independent"
+
+
+@pytest.mark.parametrize("drafter, title", [("eagle3", "EAGLE-3"), ("medusa", "MEDUSA"), ("mlp", "MLP speculator")])
+def test_drafter_config_is_refused_for_families_with_their_own_options(drafter, title):
+    from trainer.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=f"--drafter-config does not apply to {title} drafters: give their options "
+                                          f"in --drafter, e.g. --drafter {drafter}:"):
+        TrainConfig(cache="c", out="o", drafter=drafter, drafter_config={"layers": 2}).validate()
