@@ -33,6 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MEASURE_KS = (1, 8, 16, 32, 64, 128, 256)
 MEASURE_SLICE = (1000, 128)  # first conversation index, count
+SHARD_SIZE = 64  # sequences per shard, as `cache build` writes them
 
 
 def sharegpt_slice(start: int, count: int) -> list:
@@ -103,9 +104,9 @@ def measure(args) -> dict:
     import zstandard
     from transformers import AutoTokenizer
 
-    from cache import SequenceRecord, codec
-    from cache.schema import CORE_ZSTD_LEVEL
-    from cache.shard import encode_core, encode_feature
+    from cache import SequenceRecord
+    from cache.schema import CORE_ZSTD_LEVEL, ID_TABLE_COLUMN
+    from cache.shard import core_columns, encode_core, encode_feature
     from pipeline.chat import tokenize_conversation
     from pipeline.models import load_model, resolve_model
     from pipeline.target_worker import Sample, aux_layers, plan_batches, target_topk
@@ -130,31 +131,38 @@ def measure(args) -> dict:
             records.append(SequenceRecord(sample.sample_id, sample.input_ids, sample.loss_mask, ids, logprobs, feats))
     records.sort(key=lambda r: r.sample_id)
     zstd = zstandard.ZstdCompressor(level=CORE_ZSTD_LEVEL)
-    width = codec.id_width(vocab)
     positions = sum(r.num_positions for r in records)
     tokens = sum(len(r.input_ids) for r in records)
+
+    def sliced(rows: list, k: int) -> list:
+        return [SequenceRecord(r.sample_id, r.input_ids, r.loss_mask, r.topk_ids[:, :k], r.topk_logprobs[:, :k])
+                for r in rows]
+
+    def column_bytes(rows: list, k: int) -> dict[str, int]:
+        """Compressed bytes of each core column of one shard, as Arrow's zstd compresses each buffer."""
+        columns = core_columns(sliced(rows, k), vocab_size=vocab, logprob_dtype="fp16")
+        return {name: len(zstd.compress(b"".join(values))) for name, values in columns.items()
+                if name not in ("sample_id", "num_tokens", "num_positions")}
+
+    shards = [records[i:i + SHARD_SIZE] for i in range(0, len(records), SHARD_SIZE)]  # as a default build
     table = {}
     for k in MEASURE_KS:
-        ids = len(zstd.compress(b"".join(codec.encode_ids(r.topk_ids[:, :k], width) for r in records)))
-        lps = len(zstd.compress(b"".join(codec.encode_logprobs(r.topk_logprobs[:, :k], "fp16") for r in records)))
+        sizes = [column_bytes(shard, k) for shard in shards]
+        ids = sum(s["topk_ids"] + s[ID_TABLE_COLUMN] for s in sizes)
+        lps = sum(s["topk_logprobs"] for s in sizes)
         table[k] = (round(ids / (positions * k), 3), round(lps / (positions * k), 3))
-    token_bytes = len(zstd.compress(b"".join(codec.encode_ids(r.input_ids, width) for r in records))) + \
-        len(zstd.compress(b"".join(codec.encode_mask(r.loss_mask) for r in records)))
+    token_bytes = sum(s["input_ids"] + s["loss_mask"] for s in (column_bytes(shard, 1) for shard in shards))
 
     def core_overhead(rows: list) -> float:
-        """Core file bytes beyond the compressed column data: schema, footer, per-row fields."""
-        sliced = [SequenceRecord(r.sample_id, r.input_ids, r.loss_mask, r.topk_ids[:, :64], r.topk_logprobs[:, :64])
-                  for r in rows]
-        data = sum(len(zstd.compress(b"".join(f(r) for r in sliced))) for f in (
-            lambda r: codec.encode_ids(r.topk_ids, width), lambda r: codec.encode_logprobs(r.topk_logprobs, "fp16"),
-            lambda r: codec.encode_ids(r.input_ids, width), lambda r: codec.encode_mask(r.loss_mask)))
-        return len(encode_core(sliced, k=64, vocab_size=vocab, logprob_dtype="fp16")) - data
+        """Core file bytes beyond the compressed column data: schema, footer, per-row fields and offsets."""
+        data = sum(column_bytes(rows, 64).values())
+        return len(encode_core(sliced(rows, 64), k=64, vocab_size=vocab, logprob_dtype="fp16")) - data
 
     file_bytes = core_overhead(records[:1])
-    row_bytes = (core_overhead(records[:64]) - file_bytes) / 63
+    row_bytes = (core_overhead(records[:SHARD_SIZE]) - file_bytes) / (SHARD_SIZE - 1)
     ratios = {}
     for name, dim in (("last", hidden), ("aux", 3 * hidden)):
-        stored = sum(len(encode_feature(records[i:i + 64], name=name, dim=dim)) for i in range(0, len(records), 64))
+        stored = sum(len(encode_feature(shard, name=name, dim=dim)) for shard in shards)
         ratios[name] = round(stored / (tokens * dim * 2), 3)
     result = {"sequences": len(records), "tokens": tokens, "positions": positions, "topk_entry_bytes": table,
               "token_bytes": round(token_bytes / tokens, 3), "file_bytes": round(file_bytes),

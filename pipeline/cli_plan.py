@@ -132,8 +132,8 @@ def render(plan, args: argparse.Namespace) -> str:
                   f"{_gib(size.tokens)}; {size.core / counts.positions:,.1f} B per trained position, "
                   f"{size.core / counts.tokens:,.1f} B per token)"
                   + "".join(f" + {name} {_gib(b)}" for name, b in size.features.items())),
-        ("", f"k = {plan.k}: {entry_bytes(plan.k, plan.vocab_size):.2f} B per top-k entry (measured on SmolLM2, ids "
-             f"scaled to a {plan.vocab_size:,} vocabulary); features are bf16 at every token of a sequence"),
+        ("", f"k = {plan.k}: {entry_bytes(plan.k):.2f} B per top-k entry (measured on SmolLM2's builds); features "
+             "are bf16 at every token of a sequence"),
         ("target pass", f"{plan.flops:.3g} FLOPs = {plan.gpu_hours:,.2f} GPU-hours at {plan.gpu_tflops:g} TFLOP/s × "
                         f"{plan.utilization:.0%} utilization"
                         + (f"; {plan.gpu_hours_held:,.2f} GPU-hours held ({place.gpus_per_worker} GPUs per worker "

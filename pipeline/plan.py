@@ -18,20 +18,21 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "targets"  # ship
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 
 # ---------------------------------------------------------------------------------- measured bytes
-# `python bench/plan.py --measure` on 2026-11-30, a 2-core Intel Xeon (AVX-512/AMX), torch 2.13 CPU:
-# SmolLM2-135M-Instruct (bf16, vocab 49,152: 2-byte ids) over ShareGPT conversations 1000-1127
+# `python bench/plan.py --measure` on 2026-11-30, a 2-core Intel Xeon (AVX-512/AMX), torch 2.13 CPU,
+# cache format 2: SmolLM2-135M-Instruct (bf16, vocab 49,152) over ShareGPT conversations 1000-1127
 # (123 with trained tokens, 99,563 tokens, 78,262 trained positions, max length 1024), exact top-256
-# sliced to each k and encoded as cache.shard encodes a build's shards (zstd level 3 per column).
-# k -> (top-k ids, top-k log-probs) compressed bytes per entry. Log-probs are stored as deltas along
-# k, so their cost per entry falls with k; ids get harder to predict further down the ranking.
+# sliced to each k, encoded by cache.shard.core_columns in shards of 64 sequences, each column
+# compressed as Arrow compresses it (zstd level 3).
+# k -> (top-k ids incl. the shard's id table, top-k log-probs) compressed bytes per entry. Log-probs
+# are deltas along k, so their cost per entry falls with k; ids further down the ranking cost more.
 MEASURED_VOCAB = 49152
 TOPK_ENTRY_BYTES = {
-    1: (1.383, 1.829), 8: (1.637, 1.122), 16: (1.673, 0.871), 32: (1.703, 0.640),
-    64: (1.738, 0.474), 128: (1.775, 0.356), 256: (1.803, 0.269),
+    1: (1.176, 1.830), 8: (1.404, 1.123), 16: (1.451, 0.872), 32: (1.506, 0.640),
+    64: (1.569, 0.474), 128: (1.626, 0.356), 256: (1.677, 0.269),
 }
-TOKEN_BYTES = 1.216  # input ids + loss mask, compressed, per token
-ROW_BYTES = 22.5  # per sequence per shard file: sample id, counts, offsets
-FILE_BYTES = 2100.0  # per shard file: Arrow schema, metadata, footer
+TOKEN_BYTES = 1.234  # input ids + loss mask, compressed, per token
+ROW_BYTES = 22.7  # per sequence per shard file: sample id, counts, offsets
+FILE_BYTES = 2323.0  # per shard file: Arrow schema, metadata, footer
 MANIFEST_BYTES = 2000.0  # manifest.json + stats.json of a one-shard cache; plus MANIFEST_SHARD_BYTES per shard
 MANIFEST_SHARD_BYTES = 560.0
 # compressed / raw bf16 bytes of the hidden-state features (zstd level 1 over byte planes)
@@ -308,14 +309,18 @@ def _interpolate(table: dict[int, tuple[float, ...]], k: int) -> tuple[float, ..
 
 
 def id_scale(vocab_size: int) -> float:
-    """Bytes of a compressed token id relative to the measured vocabulary: bits per id, log2 V."""
+    """Bytes of a compressed input token id relative to the measured vocabulary: bits per id, log2 V."""
     return math.log2(max(vocab_size, 2)) / math.log2(MEASURED_VOCAB)
 
 
-def entry_bytes(k: int, vocab_size: int = MEASURED_VOCAB) -> float:
-    """Compressed bytes per top-k entry (id + log-prob) at this k, for this vocabulary."""
+def entry_bytes(k: int) -> float:
+    """Compressed bytes per top-k entry (id + log-prob) at this k.
+
+    Top-k ids are stored as ranks in a per-shard table of the ids that occur (cache format 2), so
+    their cost follows how concentrated the target's top-k ids are, not the vocabulary size.
+    """
     ids, logprobs = _interpolate(TOPK_ENTRY_BYTES, k)
-    return ids * id_scale(vocab_size) + logprobs
+    return ids + logprobs
 
 
 @dataclass(frozen=True)
@@ -351,7 +356,7 @@ def cache_size(shape: ModelShape, counts: TokenCounts, *, k: int, features: Iter
                 + MANIFEST_BYTES + shards * MANIFEST_SHARD_BYTES)
     # features are stored for every token of a sequence (not only trained ones), bf16 then zstd
     feats = {name: counts.tokens * dim * 2 * FEATURE_RATIO[name] for name, dim in feature_dims(shape, features).items()}
-    return CacheSize(topk=counts.positions * k * entry_bytes(k, shape.vocab_size),
+    return CacheSize(topk=counts.positions * k * entry_bytes(k),
                      tokens=counts.tokens * TOKEN_BYTES * id_scale(shape.vocab_size), overhead=overhead,
                      features=feats)
 
