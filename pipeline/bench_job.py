@@ -44,6 +44,7 @@ class BenchConfig:
     threads_per_worker: int | None = None  # default: the cluster's CPUs / workers
     seed: int = 0
     dtype: str = "auto"  # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
+    gpus_per_worker: int | str = "auto"  # GPUs per actor's target: auto = none on a CPU cluster, else the fewest that hold it
     out: Path = Path("bench-report")
     address: str | None = None  # existing Ray cluster (or $RAY_ADDRESS); else a private local one
     progress: bool = True
@@ -67,6 +68,9 @@ class BenchConfig:
             raise BenchConfigError(f"workers must be >= 1, got {self.workers}")
         if self.threads_per_worker is not None and self.threads_per_worker < 1:
             raise BenchConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
+        if self.gpus_per_worker != "auto" and not (isinstance(self.gpus_per_worker, int)
+                                                   and self.gpus_per_worker >= 0):
+            raise BenchConfigError(f"gpus_per_worker must be auto or an integer >= 0, got {self.gpus_per_worker!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise BenchConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if not self.drafters:
@@ -314,14 +318,15 @@ def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafte
     if threads > node_cpus:
         raise BenchConfigError(f"threads_per_worker={threads} exceeds the largest node's {node_cpus} CPUs: "
                                "no actor could ever be placed")
-    actor_cls = ray.remote(num_cpus=threads)(BenchWorker)
+    gpus, max_memory, workers = _target_gpus(config, target_path, items)
+    actor_cls = ray.remote(num_cpus=threads, num_gpus=gpus)(BenchWorker)
     actors = [
         actor_cls.remote(
             str(target_path), [(d.name, str(d.path)) for d in drafters], dtype=config.dtype,
             threads=threads, k=config.k, temperatures=list(config.temperatures),
-            max_new_tokens=config.max_new_tokens, seed=config.seed,
+            max_new_tokens=config.max_new_tokens, seed=config.seed, gpus=gpus, max_memory_bytes=max_memory,
         )
-        for _ in range(config.workers)
+        for _ in range(workers)
     ]
     try:
         records = []
@@ -336,18 +341,44 @@ def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafte
             ray.kill(actor)
 
 
+def _target_gpus(config: BenchConfig, target_path: Path, items: list[dict]) -> tuple[int, int, int]:
+    """(GPUs per actor, weight budget per GPU, actors): none on a CPU cluster, else as `cache build` places targets."""
+    import ray
+
+    from pipeline.build import place_target_on_gpus
+    from pipeline.target_worker import BuildError
+
+    if ray.cluster_resources().get("GPU", 0) < 1 or config.gpus_per_worker == 0:
+        if config.gpus_per_worker not in ("auto", 0):
+            raise BenchConfigError(f"gpus_per_worker={config.gpus_per_worker}: the Ray cluster has no GPU")
+        return 0, 0, config.workers
+    longest = max(len(item["input_ids"]) for item in items) + config.max_new_tokens + config.k + 1
+    try:
+        placement, slots = place_target_on_gpus(target_path, config.target, config.gpus_per_worker,
+                                                token_budget=longest, dtype=config.dtype, k=1)
+    except BuildError as exc:
+        raise BenchConfigError(str(exc)) from None
+    return placement.gpus_per_worker, placement.max_memory_bytes, max(1, min(config.workers, slots))
+
+
 class BenchWorker:
     """Holds the target and the drafters; decodes one prompt under every setting per call."""
 
     def __init__(self, target_path: str, drafters: list[tuple[str, str]], *, dtype: str, threads: int,
-                 k: int, temperatures: list[float], max_new_tokens: int, seed: int):
+                 k: int, temperatures: list[float], max_new_tokens: int, seed: int, gpus: int = 0,
+                 max_memory_bytes: int = 0):
         import torch
 
         from eval import load_drafter
         from pipeline.models import load_model
+        from pipeline.target_worker import load_placed_model
 
         torch.set_num_threads(threads)
-        self.target = load_model(target_path, dtype=dtype)
+        if gpus > 1:  # split over the actor's GPUs; the drafters go to the first
+            self.target = load_placed_model(target_path, dtype=dtype,
+                                            max_memory={gpu: max_memory_bytes for gpu in range(gpus)})
+        else:
+            self.target = load_model(target_path, dtype=dtype, device="cuda" if gpus else "cpu")
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.dtype = dtype  # the target's: one rounding step of it is the near-tie tolerance at T = 0

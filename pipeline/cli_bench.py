@@ -19,6 +19,15 @@ def _floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from exc
 
 
+def _gpus(value: str) -> int | str:
+    """--gpus-per-worker: `auto` or an integer >= 0."""
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {value!r}")
+    return int(value)
+
+
 def register(subparsers) -> None:
     """Add the `bench` sub-command."""
     parser = subparsers.add_parser(
@@ -51,6 +60,9 @@ def register(subparsers) -> None:
                         help=f"precision of the target and drafters (default {AUTO_HELP}); the report "
                              "records the resolved one")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (T > 0)")
+    parser.add_argument("--gpus-per-worker", type=_gpus, default="auto", metavar="N|auto",
+                        help="GPUs each actor's target holds, split over them layer by layer (auto: none on a "
+                             "CPU cluster, else the fewest that hold the target; 0: decode on the CPU)")
     parser.add_argument("--out", type=Path, default=Path("bench-report"), help="report directory")
     parser.add_argument("--address", default=None,
                         help="existing Ray cluster (default: start a private local one)")
@@ -66,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         target=args.target, drafters=args.drafter, benchmarks=args.bench, limit=args.limit,
         temperatures=args.temperature, k=args.k, max_new_tokens=args.max_new_tokens,
         workers=args.workers, threads_per_worker=args.threads, seed=args.seed, dtype=args.dtype,
+        gpus_per_worker=args.gpus_per_worker,
         out=args.out, address=args.address, progress=not args.no_progress,
     )
     try:

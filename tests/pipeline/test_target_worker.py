@@ -174,3 +174,32 @@ def test_several_gpus_per_worker_on_cpu_workers_is_refused(ray_address, tiny_lla
     config.validate()
     with pytest.raises(BuildError, match="--gpus-per-worker 2 needs GPU workers"):
         run_build(config)
+
+
+def test_bench_gpus_per_worker_is_checked(tmp_path):
+    from pipeline.bench_job import BenchConfig, BenchConfigError
+    from pipeline.cli import build_parser
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hello"}\n')
+    for value in (-1, "two"):
+        with pytest.raises(BenchConfigError, match="gpus_per_worker must be auto or an integer >= 0"):
+            BenchConfig(target="t", drafters=["d"], benchmarks=[str(prompts)], gpus_per_worker=value).validate()
+    parser = build_parser()
+    base = ["bench", "--target", "t", "--drafter", "d"]
+    assert parser.parse_args(base).gpus_per_worker == "auto"
+    assert parser.parse_args(base + ["--gpus-per-worker", "0"]).gpus_per_worker == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--gpus-per-worker", "-2"])
+
+
+@pytest.mark.slow
+def test_bench_asks_for_gpus_only_where_there_are_some(ray_address, tiny_llama_dir, tmp_path):
+    from pipeline.bench_job import BenchConfig, BenchConfigError, _target_gpus
+
+    items = [{"input_ids": [1, 2, 3]}]
+    auto = BenchConfig(target=str(tiny_llama_dir), drafters=["d"], workers=2)
+    assert _target_gpus(auto, tiny_llama_dir, items) == (0, 0, 2)  # a CPU cluster: decode on the CPU
+    with pytest.raises(BenchConfigError, match="gpus_per_worker=2: the Ray cluster has no GPU"):
+        _target_gpus(BenchConfig(target=str(tiny_llama_dir), drafters=["d"], gpus_per_worker=2), tiny_llama_dir,
+                     items)
