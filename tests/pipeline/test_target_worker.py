@@ -203,3 +203,22 @@ def test_bench_asks_for_gpus_only_where_there_are_some(ray_address, tiny_llama_d
     with pytest.raises(BenchConfigError, match="gpus_per_worker=2: the Ray cluster has no GPU"):
         _target_gpus(BenchConfig(target=str(tiny_llama_dir), drafters=["d"], gpus_per_worker=2), tiny_llama_dir,
                      items)
+
+
+def _host_reads(fn) -> int:
+    """Ops that read a tensor's value on the host (a device synchronization on a GPU), from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::_local_scalar_dense", "aten::nonzero"))
+
+
+def test_the_build_batch_reads_nothing_back_beyond_what_the_model_itself_does(model_dir, monkeypatch):
+    import pipeline.target_worker as worker
+
+    monkeypatch.setattr(worker, "LOGITS_CHUNK", 8)  # many LM-head chunks: none may add a read
+    model = load_model(model_dir, dtype="fp32")
+    samples = batch()
+    assert _host_reads(lambda: launch_topk(model, samples, K, ("aux",), (1, 2))) == \
+        _host_reads(lambda: bare_forward(model, samples))
