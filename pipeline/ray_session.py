@@ -43,8 +43,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         with private_cluster(num_cpus=num_cpus):
             yield
         return
-    with handlers_kept():
-        ray.init(address=address, log_to_driver=False)
+    loopback = address.rpartition(":")[0] in (LOOPBACK, "localhost")
+    # Joining a private cluster on 127.0.0.1: Ray would rewrite the address to the routable one.
+    with _loopback_node_address() if loopback else contextlib.nullcontext(), handlers_kept():
+        ray.init(address=address, log_to_driver=False, **({"_node_ip_address": LOOPBACK} if loopback else {}))
     try:
         yield
     finally:
