@@ -321,12 +321,13 @@ def load_placed_model(path, *, dtype: str, max_memory: dict, offload_folder: str
 
     Raises BuildError when a module would land anywhere else (the devices are too small).
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map="auto", max_memory=max_memory,
-                                                 offload_folder=offload_folder, trust_remote_code=False)
+    from trainer.precision import torch_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), device_map="auto",
+                                                 max_memory=max_memory, offload_folder=offload_folder,
+                                                 trust_remote_code=False)
     allowed = set(max_memory) | ({"disk"} if offload_folder else set())
     outside = {str(device) for device in model.hf_device_map.values()} - {str(device) for device in allowed}
     if outside:
