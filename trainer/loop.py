@@ -246,15 +246,15 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     config = plan.config
     run_dir = Path(plan.run_dir)
     started = time.time()
+    dtype = config.resolved_dtype("cuda" if torch.cuda.is_available() else "cpu")  # this worker's device decides
     if rank == 0:
-        update_run(run_dir, status="running", started=started)
+        update_run(run_dir, status="running", started=started, dtype=dtype)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != world_size or dist.get_rank() != rank:
         raise RuntimeError(f"process group is rank {dist.get_rank()} of {dist.get_world_size()}, "
                            f"expected {rank} of {world_size}")
 
-    dtype = config.resolved_dtype("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     reader = open_cache(plan.cache_path)
     drafter = build_drafter(DrafterSpec.from_dict(plan.drafter))
