@@ -141,7 +141,7 @@ def test_plan_skips_invalid_rows_only_when_asked_and_counts_them(tmp_path, token
     assert dict(plan.skipped) == {"malformed JSON": 1, "no assistant turn": 1}
     assert len(plan.skip_examples) == 2 and "d.jsonl:3" in plan.skip_examples[1]
     config.max_length, config.limit = 20, None  # the system prompt alone fills 20 tokens
-    with pytest.raises(DataError, match="no usable conversation.*max length"):
+    with pytest.raises(DataError, match="no usable conversation.*max.length"):
         plan_samples(dataset, tokenizer, config)
 
 
