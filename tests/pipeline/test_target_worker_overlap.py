@@ -1,8 +1,8 @@
 """A worker encodes and writes one shard while the next one is on the model (what its threaded Ray actor does).
 
-The forward is slowed down on purpose (a real forward pre-hook that sleeps) so that the forward and
-the encoding cost about the same: overlapped, a shard then costs about max(forward, write), not
-their sum. Run with `-s` to see the figures.
+The model is tiny and its forward slowed down on purpose (a real forward pre-hook that sleeps as long
+as a shard's encoding takes), while a large k makes the encoding costly: overlapped, a shard then
+costs about max(forward, write), not their sum. Run with `-s` to see the figures.
 """
 from __future__ import annotations
 
@@ -16,16 +16,16 @@ import torch
 
 from pipeline.target_worker import SHARDS_IN_FLIGHT, Sample, ShardTask, TargetWorker, WorkerSpec
 
-VOCAB, HIDDEN, LENGTH, SHARDS = 512, 768, 256, 6
+VOCAB, K, LENGTH, ROWS, SHARDS = 512, 256, 512, 16, 6
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A 1-layer random Llama with a wide hidden state, so that its `last` feature is costly to encode."""
+    """A 1-layer random Llama, narrow: its own compute is small next to the sleep and the encoding."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     out = tmp_path_factory.mktemp("overlap-model")
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
@@ -35,13 +35,13 @@ def model_dir(tmp_path_factory) -> Path:
 def shards() -> list[ShardTask]:
     rng = np.random.default_rng(0)
     return [ShardTask(index, tuple(Sample(f"{index}:{i}", rng.integers(0, VOCAB, LENGTH, dtype=np.int32),
-                                          np.arange(LENGTH) >= 16) for i in range(8)))
+                                          np.arange(LENGTH) >= 16) for i in range(ROWS)))
             for index in range(SHARDS)]
 
 
 def worker(model_dir: Path, cache_dir: Path, forward_sleep: float) -> TargetWorker:
-    spec = WorkerSpec(model_path=str(model_dir), dtype="fp32", cache_dir=str(cache_dir), k=8, vocab_size=VOCAB,
-                      features=("last",), feature_dims={"last": HIDDEN}, token_budget=8 * LENGTH, threads=1)
+    spec = WorkerSpec(model_path=str(model_dir), dtype="fp32", cache_dir=str(cache_dir), k=K, vocab_size=VOCAB,
+                      token_budget=ROWS * LENGTH, threads=1)
     target = TargetWorker(spec)
     if forward_sleep:
         target.model.get_decoder().register_forward_pre_hook(lambda *_: time.sleep(forward_sleep))
@@ -55,6 +55,7 @@ def run(target: TargetWorker, tasks: list[ShardTask], in_flight: int) -> tuple[f
     return time.perf_counter() - started, results
 
 
+@pytest.mark.slow
 def test_encoding_overlaps_the_next_forward(model_dir, tmp_path):
     probe = worker(model_dir, tmp_path / "probe", 0.0)
     _, measured = run(probe, shards()[:3], 1)
