@@ -283,6 +283,17 @@ def test_shipped_study_config_is_the_default_budget():
     assert config.to_dict() == StudyConfig().to_dict()
 
 
+
+def test_shipped_medusa_study_config_is_valid_and_studies_medusa():
+    from pipeline.cli_study import config_from_args
+
+    args = parse_with_config(build_parser(), ["study", "--config", str(CONFIGS / "study-medusa.yaml")])
+    config = config_from_args(args)
+    config.validate()
+    assert list(config.drafters) == ["medusa:draft_vocab=4096"]
+    assert list(config.losses) == ["kl", "lk_alpha", "lk_lambda"] and len(config.seeds) == 3
+    assert config.part == "reproduction" and config.draft_k == 6
+
 # ------------------------------------------------------------------------------ end to end (slow)
 def _write_conversations(path: Path, count: int) -> Path:
     rng = np.random.default_rng(0)
