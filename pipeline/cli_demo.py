@@ -31,11 +31,12 @@ def register(subparsers) -> None:
         help="cache -> train KL / LK drafters -> speculative-decoding report, on a local Ray cluster",
         description=(
             "Run lkspec end to end: build a top-k cache of the target over ShareGPT conversations, "
-            "train drafters from that one cache (KL, LK^alpha, LK^lambda) with DeepSpeed under Ray "
+            "train drafters from that one cache (KL and LK^lambda) with DeepSpeed under Ray "
             "Train, benchmark them with exact speculative decoding on MT-bench / HumanEval / GSM8K at "
-            "T=0 and T=1, print the tau table and write the report with plots. A second run reuses "
-            "the cache and the finished runs. --profile smollm2 (default): the embedded "
-            "SmolLM2-135M-Instruct and tiny drafters from scratch, about ten minutes on 2 CPU cores. "
+            "T=0 and T=1, print the tau and speed-up tables and write the report with plots. A second "
+            "run reuses the cache and the finished runs. --profile smollm2 (default): the embedded "
+            "SmolLM2-135M-Instruct and a MEDUSA head over its last hidden state (8,192-token draft "
+            "vocabulary, one draft token per target forward), about ten minutes on 2 CPU cores. "
             "--profile qwen-coder: Qwen2.5-Coder-1.5B-Instruct with its 0.5B sibling fine-tuned as "
             "the drafter and benchmarked untuned too (1.6 GB fetched from PyPI on first use; see "
             "docs/qwen.md). Any flag overrides the profile's value."

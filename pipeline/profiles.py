@@ -175,7 +175,7 @@ def _check(model: ChunkedGGUF, label: str, size: int, sha256: str) -> None:
 
 # `lkspec demo --profile NAME`: DemoConfig fields that differ from its defaults (flags still win).
 DEMO_PROFILES: dict[str, dict] = {
-    "smollm2": {},  # the embedded SmolLM2-135M target and tiny drafters trained from scratch
+    "smollm2": {},  # the embedded SmolLM2-135M target and a MEDUSA head trained over its last hidden state
     "qwen-coder": {
         # Qwen2.5-Coder-1.5B-Instruct target, its 0.5B sibling fine-tuned as the drafter and benched
         # untuned too. Sized for a 2-core CPU with ~15 GiB free: one worker per stage (the 0.5B in
@@ -193,5 +193,9 @@ DEMO_PROFILES: dict[str, dict] = {
         "batch_tokens": 512,
         "lr": 5e-5,
         "workers": 1,
+        # An independent 0.5B drafter: a 4-token draft per 1.5B target forward, on 2 prompts per domain.
+        "bench_limit": 2,
+        "draft_k": 4,
+        "max_new_tokens": 32,
     },
 }

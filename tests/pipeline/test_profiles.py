@@ -185,6 +185,7 @@ def test_the_qwen_profile_sets_the_pair_and_flags_still_win():
     qwen = demo_config(parse_with_config(parser, ["demo", "--profile", "qwen-coder", "--steps", "3"]))
     assert (qwen.target, qwen.drafter, qwen.workers, qwen.steps) == ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", 1, 3)
     assert qwen.losses == ("kl", "lk_lambda") and (qwen.dtype, qwen.bench_dtype) == ("auto", "auto")
+    assert (qwen.draft_k, qwen.bench_limit, qwen.max_new_tokens) == (4, 2, 32)  # an independent drafter drafts 4
     forced = demo_config(parse_with_config(parser, ["demo", "--dtype", "fp32", "--bench-dtype", "bf16"]))
     assert (forced.dtype, forced.bench_dtype) == ("fp32", "bf16")
 
@@ -195,8 +196,34 @@ def test_a_model_drafter_is_fine_tuned_and_benched_untuned(tmp_path, monkeypatch
     monkeypatch.setenv("LKSPEC_HOME", str(tmp_path))
     converted = _fake_converted(tmp_path, CHUNKED_MODELS["qwen2.5-coder-0.5b"])
     assert _demo_drafter("tiny") == ("tiny", False)
+    assert _demo_drafter("medusa:heads=1,draft_vocab=8192") == ("medusa:heads=1,draft_vocab=8192", False)
     assert _demo_drafter("qwen2.5-coder-0.5b") == (str(converted), True)
     assert _demo_drafter(str(tmp_path)) == (str(tmp_path), True)
+
+
+def test_the_default_demo_stages_are_valid_and_train_medusa_from_a_last_cache(tmp_path):
+    from pipeline.demo import DemoConfig, demo_features, stage_configs
+    from trainer.drafters import family_for
+
+    build, trains, bench = stage_configs(replace(DemoConfig(), out=tmp_path))  # each stage's own validation
+    family = family_for(trains[0].drafter)
+    assert family.name == "medusa" and build.features == ("last",) == family.columns
+    assert [train.loss for train in trains] == ["kl", "lk_lambda"] and all(t.cache == "<cache>" for t in trains)
+    assert bench.k <= family.parse(trains[0].drafter).get("heads", 6)  # never asks for more drafts than heads
+    assert (bench.workers, bench.out) == (2, tmp_path / "report")
+    assert demo_features("tiny") == ()  # an independent drafter's cache stores no hidden states
+    with pytest.raises(ValueError, match="draft"):
+        stage_configs(replace(DemoConfig(), out=tmp_path, drafter="medusa:bogus=1"))
+
+
+def test_the_speed_up_line_names_every_drafter_and_temperature(tmp_path):
+    from pipeline.demo import speedup_summary
+
+    rows = [{"drafter": "kl", "temperature": 0.0, "speedup": 1.0834, "tau": 1.251},
+            {"drafter": "lk_lambda", "temperature": 1.0, "speedup": None, "tau": 1.0}]
+    (tmp_path / "report.json").write_text(json.dumps({"overall": rows}))
+    assert speedup_summary(tmp_path) == ("speed-up over the target alone (tokens/s, same run): "
+                                         "kl T=0: 1.08x (τ 1.25); lk_lambda T=1: – (τ 1.00)")
 
 
 def _real_wheels() -> Path | None:
