@@ -90,6 +90,18 @@ def config_file_defaults(leaf: argparse.ArgumentParser, path: str) -> dict:
 
 def _config_value(path: str, key: str, value, action: argparse.Action):
     """Convert one YAML value the way argparse would convert the same flag, or fail naming it."""
+    from trainer.settings import ConfigError
+
+    declared = getattr(action, "declared", None)  # a flag derived from a stage config's declaration
+    if declared is not None:
+        try:
+            value = declared.from_file(value)
+        except ConfigError as exc:
+            raise CliError(f"{path}: bad value for key {key!r}: {value!r} ({exc.problem})") from None
+        problem = None if value is None else declared.problem(value)
+        if problem is not None:
+            raise CliError(f"{path}: key {key!r} {problem}")
+        return value
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise CliError(f"{path}: key {key!r} must be true or false, got {value!r}")
@@ -132,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster stop), prints one line naming the command that resumes it, and returns 130 / 143.
     """
     from pipeline.interrupts import Interrupted, SignalLog, interrupt_message
+    from trainer.settings import ConfigError
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -142,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             status = int(args.func(args) or 0)
         except CliError as exc:
             error, status = exc, 2
+        except ConfigError as exc:  # a setting refused where no command turned it into a CliError
+            error, status = exc.flag_message(), 2
         except KeyboardInterrupt as exc:  # Interrupted, or a SIGINT that a library's handler turned into one
             signals.received.append(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
         except BaseException:

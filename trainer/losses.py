@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from trainer.loss_names import LOSS_NAMES, TAIL_MODES
+
 __all__ = [
     "LOSS_NAMES",
     "TAIL_MODES",
@@ -35,9 +37,6 @@ __all__ = [
     "combine_steps",
     "expected_tau",
 ]
-
-LOSS_NAMES: tuple[str, ...] = ("kl", "tv", "lk_alpha", "lk_lambda")
-TAIL_MODES: tuple[str, ...] = ("bucket", "drop")
 
 # Log-probabilities (draft and target) are floored here inside the KL *value*, so a −inf draft
 # logit under target mass gives a huge finite KL instead of inf, and 0·log 0 never makes a NaN;
