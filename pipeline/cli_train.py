@@ -5,7 +5,6 @@ import argparse
 import json
 
 from pipeline.cli import CliError
-from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 EXAMPLE = (
     "examples: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
@@ -18,6 +17,9 @@ EXAMPLE = (
 
 def register(subparsers) -> None:
     """Add the `train` and `runs` sub-commands."""
+    from trainer.config import CLUSTER, WHAT, TrainConfig
+    from trainer.settings import add_flags, flag_group
+
     parser = subparsers.add_parser(
         "train",
         help="train drafters from a cache (one run per loss) on Ray Train + DeepSpeed ZeRO",
@@ -30,79 +32,12 @@ def register(subparsers) -> None:
         ),
         epilog=EXAMPLE,
     )
-    data = parser.add_argument_group("what to train")
-    data.add_argument("--cache", required=True, metavar="DIR", help="cache directory (from `lkspec cache build`)")
-    data.add_argument("--drafter", default="tiny", metavar="SPEC",
-                      help="architecture preset (tiny: 2 layers, hidden 256; small: 4 layers, hidden 512), "
-                      "a Hugging Face model directory sharing the target's tokenizer, "
-                      "eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys hidden, heads, "
-                      "kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta), "
-                      "medusa[:heads=6,layers=1,draft_vocab=N] (MEDUSA-1 heads over the cache's last feature) or "
-                      "mlp[:stages=6,inner=D,tie=false,scale_input=false] (an MLP speculator over the cache's "
-                      "last feature) (default: tiny)")
-    data.add_argument("--drafter-config", default="", metavar="K=V,...",
-                      help="override preset fields: layers, hidden, heads, kv_heads, intermediate, "
-                      "max_positions, rope_theta, tie_embeddings (e.g. layers=4,hidden=384,heads=6); "
-                      "not for eagle3, medusa or mlp, whose options follow `NAME:`")
-    data.add_argument("--init-embeddings-from", choices=["target"], default=None,
-                      help="copy the target's token embeddings into the drafter (its width becomes the target's)")
-    data.add_argument("--loss", default="kl", metavar="LOSS[,LOSS...]",
-                      help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
-    data.add_argument("--out", required=True, metavar="RUNS", help="runs directory")
-    data.add_argument("--run-name", default=None,
-                      help="run directory name (default [<family>-]<loss>-<cache key[:8]>-s<seed>, the family prefix "
-                      "for eagle3, medusa and mlp; a sweep appends -<loss>)")
-    data.add_argument("--target-source", choices=["cache", "online"], default="cache",
-                      help="cache: the cached top-k (default); online: the target model runs in each worker "
-                      "and supplies its full distribution (the baseline the top-k cache is judged against)")
-    data.add_argument("--target", default=None, metavar="MODEL",
-                      help="target model (alias, HF directory or .gguf) for --target-source online, "
-                      "--init-embeddings-from target, or the tokenizer of a preset drafter "
-                      "(default: the target recorded in the cache manifest)")
-    data.add_argument("--tail", choices=["bucket", "drop"], default="bucket",
-                      help="top-k tail handling: one extra category (bucket, default) or ignored (drop)")
-
-    length = parser.add_argument_group("how long").add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None,
-                        help="passes over each worker's share of the training sequences (default: 1)")
-
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (default: 4e-4)")
-    optim.add_argument("--warmup", type=int, default=100,
-                       help="linear warm-up steps before cosine decay (default: 100)")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
-    optim.add_argument("--grad-clip", type=float, default=0.5, help="gradient clipping norm (default: 0.5)")
-    optim.add_argument("--batch-tokens", type=int, default=8192,
-                       help="tokens per worker and step, padding included (default: 8192)")
-    optim.add_argument("--eta", type=float, default=None,
-                       help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: the drafter family's, "
-                       "10 for medusa as in the paper, 3 for the others)")
-    optim.add_argument("--seed", type=int, default=0, help="initialization and data order seed (default: 0)")
-    optim.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help=f"training precision (default {AUTO_HELP})")
-
-    cluster = parser.add_argument_group("cluster")
-    cluster.add_argument("--workers", type=int, default=2, help="data-parallel Ray Train workers (default: 2)")
-    cluster.add_argument("--zero", type=int, choices=[1, 2, 3], default=2, help="DeepSpeed ZeRO stage (default: 2)")
-    cluster.add_argument("--address", default=None,
-                         help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster is started)")
-
-    evals = parser.add_argument_group("evaluation and checkpoints")
-    evals.add_argument("--eval-every", type=int, default=100,
-                       help="steps between held-out evaluations; 0 = only at the end (default: 100)")
-    evals.add_argument("--heldout-fraction", type=float, default=0.05,
-                       help="fraction of sequences (by sample-id hash) never trained on "
-                       "(default: 0.05, at least 1 sequence)")
-    evals.add_argument("--eval-sequences", type=int, default=256,
-                       help="held-out sequences scored at each evaluation (default: 256)")
-    evals.add_argument("--checkpoint-every", type=int, default=500,
-                       help="steps between DeepSpeed checkpoints; 0 = only at the end (default: 500)")
-    evals.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default: 2)")
-    evals.add_argument("--resume", action="store_true",
-                       help="continue the run(s) from their latest checkpoint (same settings, exact continuation)")
-    evals.add_argument("--stop-after", type=int, default=None, metavar="STEP",
-                       help="checkpoint and stop this invocation after STEP (continue later with --resume)")
+    add_flags(parser, TrainConfig)
+    flag_group(parser, WHAT).add_argument(
+        "--loss", default="kl", metavar="LOSS[,LOSS...]",
+        help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
+    flag_group(parser, CLUSTER).add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local cluster is started)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_train)
 
@@ -115,45 +50,35 @@ def register(subparsers) -> None:
 
 def configs_from_args(args: argparse.Namespace):
     """The validated TrainConfig of every run the arguments ask for (CliError naming the flag otherwise)."""
-    from trainer.config import ConfigError, TrainConfig
-    from trainer.drafters import DrafterError, parse_arch_overrides
+    from trainer.config import TrainConfig
+    from trainer.settings import ConfigError, from_args
 
     from pipeline.train_job import sweep_configs
 
     try:
-        base = TrainConfig(
-            cache=args.cache, out=args.out, drafter=args.drafter,
-            drafter_config=parse_arch_overrides(args.drafter_config or ""),
-            init_embeddings_from=args.init_embeddings_from, run_name=args.run_name,
-            steps=args.steps, epochs=args.epochs if args.epochs is not None or args.steps is not None else 1.0,
-            workers=args.workers, zero=args.zero, dtype=args.dtype, lr=args.lr, warmup=args.warmup,
-            weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_tokens=args.batch_tokens,
-            eta=args.eta, tail=args.tail, target_source=args.target_source, target=args.target, seed=args.seed,
-            heldout_fraction=args.heldout_fraction, eval_sequences=args.eval_sequences,
-            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints, resume=args.resume, stop_after=args.stop_after,
-        )
         # lk-lambda is lk_lambda
         losses = [loss.strip().replace("-", "_") for loss in str(args.loss).split(",") if loss.strip()]
-        return sweep_configs(base, losses)
-    except (ConfigError, DrafterError) as exc:
-        raise CliError(str(exc)) from exc
+        return sweep_configs(from_args(TrainConfig, args), losses)
+    except ConfigError as exc:
+        raise CliError(exc.flag_message()) from None
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Plan every run (all checks first), train them, print where they are."""
     from cache import CacheError
     from pipeline.models import ModelNotFoundError
-    from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.drafters import DrafterError
+    from trainer.settings import ConfigError
 
     from pipeline.train_job import TrainingError, list_runs, train_sweep
 
     configs = configs_from_args(args)
     try:
         run_dirs = train_sweep(configs, address=args.address, progress=not args.no_progress)
-    except (ConfigError, DrafterError, CacheError, DataError, ModelNotFoundError, TrainingError) as exc:
+    except ConfigError as exc:
+        raise CliError(exc.flag_message()) from None
+    except (DrafterError, CacheError, DataError, ModelNotFoundError, TrainingError) as exc:
         raise CliError(str(exc)) from exc
     names = {d.name for d in run_dirs}
     rows = [row for row in list_runs(run_dirs[0].parent) if row["name"] in names]

@@ -6,71 +6,109 @@ held-out split) and hands to every worker as a plain dict.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from trainer.drafters import DrafterError, family_for
-from trainer.losses import LOSS_NAMES, TAIL_MODES
-from trainer.precision import DTYPE_CHOICES, resolve_dtype
+from trainer.loss_names import LOSS_NAMES, TAIL_MODES
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES, resolve_dtype
+from trainer.settings import ConfigError, check_settings, flag, setting
 
 TARGET_SOURCES = ("cache", "online")
 ZERO_STAGES = (1, 2, 3)
 # Keys that may change between a run and its --resume (they do not change what is computed).
 RESUMABLE_CHANGES = frozenset({"resume", "stop_after", "checkpoint_every", "keep_checkpoints"})
+WHAT, HOW_LONG, OPTIMIZATION, CLUSTER, EVALUATION = (
+    "what to train", "how long", "optimization", "cluster", "evaluation and checkpoints")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag."""
+def _plain_name(name: str) -> bool:
+    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".")
 
 
-def flag(key: str) -> str:
-    """The command-line flag of a config key (`batch_tokens` -> `--batch-tokens`)."""
-    return "--" + key.replace("_", "-")
+def _arch_overrides(text: str) -> dict[str, Any]:
+    from trainer.drafters import parse_arch_overrides
+
+    return parse_arch_overrides(text)
 
 
 @dataclass
 class TrainConfig:
     """One training run: drafter, loss, optimization and data settings (defaults: the paper's recipe)."""
 
-    cache: str  # cache directory (a `lkspec cache build` output)
-    out: str  # runs root: the run lives in <out>/<run_name>/
-    loss: str = "kl"
-    drafter: str = "tiny"  # preset (tiny, small), a HF model directory, or eagle3|medusa|mlp[:KEY=VALUE,...]
-    drafter_config: dict[str, Any] = field(default_factory=dict)  # overrides of the preset (independent only)
-    init_embeddings_from: str | None = None  # "target": copy the target's token embeddings
-    run_name: str | None = None  # default [<family>-]<loss>-<cache key[:8]>-s<seed>
-    steps: int | None = None  # optimizer steps (exclusive with epochs)
-    epochs: float | None = None  # passes over each worker's training share
-    workers: int = 2
-    zero: int = 2
-    dtype: str = "auto"  # auto = bf16 where the workers' device computes it natively, else fp32
-    lr: float = 4e-4
-    warmup: int = 100
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    grad_clip: float = 0.5
-    batch_tokens: int = 8192  # per worker per step, padding included
-    eta: float | None = None  # LK^λ η; None: the drafter family's default (medusa 10, the others 3)
-    tail: str = "bucket"
-    target_source: str = "cache"
-    target: str | None = None  # target model for --target-source online / --init-embeddings-from target
-    seed: int = 0
-    heldout_fraction: float = 0.05
-    eval_sequences: int = 256  # held-out sequences scored at each evaluation (at most)
-    eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
-    checkpoint_every: int = 500  # steps between DeepSpeed checkpoints (0: only at the end)
-    keep_checkpoints: int = 2
-    tau_draft_len: int = 7  # K of the expected acceptance length 1 + Σ_k ᾱ^k
-    pool_sequences: int = 256  # sequences grouped by length before packing into batches
-    prefetch_batches: int = 4
-    resume: bool = False
-    stop_after: int | None = None  # stop this invocation after that step (checkpointed), e.g. to resume later
+    cache: str = setting(group=WHAT, metavar="DIR", help="cache directory (from `lkspec cache build`)")
+    out: str = setting(group=WHAT, metavar="RUNS", help="runs directory")  # the run lives in <out>/<run_name>/
+    loss: str = setting("kl", choices=LOSS_NAMES, cli=False, help="the loss (`lkspec train --loss` takes several)")
+    drafter: str = setting(
+        "tiny", group=WHAT, metavar="SPEC",
+        help="architecture preset (tiny: 2 layers, hidden 256; small: 4 layers, hidden 512), a Hugging Face model "
+        "directory sharing the target's tokenizer, eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys "
+        "hidden, heads, kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta), "
+        "medusa[:heads=6,layers=1,draft_vocab=N] (MEDUSA-1 heads over the cache's last feature) or "
+        "mlp[:stages=6,inner=D,tie=false,scale_input=false] (an MLP speculator over the cache's last feature)")
+    drafter_config: dict[str, Any] = setting(
+        {}, group=WHAT, metavar="K=V,...", parse=_arch_overrides, expected="a mapping like layers=2,hidden=256",
+        help="override preset fields: layers, hidden, heads, kv_heads, intermediate, max_positions, rope_theta, "
+        "tie_embeddings (e.g. layers=4,hidden=384,heads=6); not for eagle3, medusa or mlp, whose options follow `NAME:`")
+    init_embeddings_from: str | None = setting(
+        None, group=WHAT, choices=("target",),
+        help="copy the target's token embeddings into the drafter (its width becomes the target's)")
+    run_name: str | None = setting(
+        None, group=WHAT, check=_plain_name, expected="a plain directory name",
+        help="run directory name (default [<family>-]<loss>-<cache key[:8]>-s<seed>, the family prefix for eagle3, "
+        "medusa and mlp; a sweep appends -<loss>)")
+    steps: int | None = setting(None, group=HOW_LONG, ge=1, help="optimizer steps")  # exclusive with epochs
+    epochs: float | None = setting(None, group=HOW_LONG, gt=0,
+                                   help="passes over each worker's share of the training sequences (default: 1)")
+    workers: int = setting(2, group=CLUSTER, ge=1, help="data-parallel Ray Train workers")
+    zero: int = setting(2, group=CLUSTER, choices=ZERO_STAGES, help="DeepSpeed ZeRO stage")
+    dtype: str = setting("auto", group=OPTIMIZATION, choices=DTYPE_CHOICES, help=f"training precision ({AUTO_HELP})")
+    lr: float = setting(4e-4, group=OPTIMIZATION, gt=0, help="peak learning rate")
+    warmup: int = setting(100, group=OPTIMIZATION, ge=0, help="linear warm-up steps before cosine decay")
+    weight_decay: float = setting(0.0, group=OPTIMIZATION, ge=0, help="AdamW weight decay (default: 0)")
+    adam_beta1: float = setting(0.9, cli=False, ge=0, lt=1, help="AdamW beta1")
+    adam_beta2: float = setting(0.95, cli=False, ge=0, lt=1, help="AdamW beta2")
+    grad_clip: float = setting(0.5, group=OPTIMIZATION, ge=0, help="gradient clipping norm")
+    batch_tokens: int = setting(8192, group=OPTIMIZATION, ge=2,
+                                help="tokens per worker and step, padding included")
+    eta: float | None = setting(None, group=OPTIMIZATION, ge=0,
+                                help="LK^lambda temperature: lambda = exp(-eta*alpha) (default: the drafter family's, "
+                                "10 for medusa as in the paper, 3 for the others)")
+    tail: str = setting("bucket", group=WHAT, choices=TAIL_MODES,
+                        help="top-k tail handling: one extra category (bucket, default) or ignored (drop)")
+    target_source: str = setting(
+        "cache", group=WHAT, choices=TARGET_SOURCES,
+        help="cache: the cached top-k (default); online: the target model runs in each worker and supplies its "
+        "full distribution (the baseline the top-k cache is judged against)")
+    target: str | None = setting(
+        None, group=WHAT, metavar="MODEL",
+        help="target model (alias, HF directory or .gguf) for --target-source online, --init-embeddings-from target, "
+        "or the tokenizer of a preset drafter (default: the target recorded in the cache manifest)")
+    seed: int = setting(0, group=OPTIMIZATION, ge=0, help="initialization and data order seed")
+    heldout_fraction: float = setting(
+        0.05, group=EVALUATION, gt=0, le=0.5, expected="a finite number > 0 and <= 0.5",
+        help="fraction of sequences (by sample-id hash) never trained on (default: 0.05, at least 1 sequence)")
+    eval_sequences: int = setting(256, group=EVALUATION, ge=1,
+                                  help="held-out sequences scored at each evaluation")
+    eval_every: int = setting(100, group=EVALUATION, ge=0,
+                              help="steps between held-out evaluations; 0 = only at the end")
+    checkpoint_every: int = setting(500, group=EVALUATION, ge=0,
+                                    help="steps between DeepSpeed checkpoints; 0 = only at the end")
+    keep_checkpoints: int = setting(2, group=EVALUATION, ge=1, help="checkpoints kept")
+    tau_draft_len: int = setting(7, cli=False, ge=1, help="K of the expected acceptance length 1 + Σ_k ᾱ^k")
+    pool_sequences: int = setting(256, cli=False, ge=1, help="sequences grouped by length before packing into batches")
+    prefetch_batches: int = setting(4, cli=False, ge=1, help="batches read ahead of the step")
+    resume: bool = setting(False, group=EVALUATION,
+                           help="continue the run(s) from their latest checkpoint (same settings, exact continuation)")
+    stop_after: int | None = setting(None, group=EVALUATION, ge=1, metavar="STEP",
+                                     help="checkpoint and stop this invocation after STEP (continue later with --resume)")
 
     def __post_init__(self):
+        from trainer.drafters import family_for
+
         if self.eta is None and isinstance(self.drafter, str):
             self.eta = family_for(self.drafter).default_eta
+        if self.steps is None and self.epochs is None:
+            self.epochs = 1.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -92,17 +130,10 @@ class TrainConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        """Raise ConfigError naming the flag of the first invalid value."""
-        _choice("loss", self.loss, LOSS_NAMES)
-        _choice("tail", self.tail, TAIL_MODES)
-        _choice("dtype", self.dtype, DTYPE_CHOICES)
-        _choice("target_source", self.target_source, TARGET_SOURCES)
-        _choice("zero", self.zero, ZERO_STAGES)
-        for key in ("cache", "out", "drafter"):
-            if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ConfigError(f"{flag(key)} must be a non-empty string")
-        if not isinstance(self.drafter_config, dict):
-            raise ConfigError(f"{flag('drafter_config')} must be a mapping like layers=2,hidden=256")
+        """Raise ConfigError naming the first invalid setting."""
+        from trainer.drafters import DrafterError, family_for
+
+        check_settings(self)
         family = family_for(self.drafter)
         try:
             family.parse(self.drafter)
@@ -111,69 +142,12 @@ class TrainConfig:
         if self.drafter_config and family.options:
             raise ConfigError(f"{flag('drafter_config')} does not apply to {family.title} drafters: give their "
                               f"options in --drafter, e.g. --drafter {family.example}")
-        if self.init_embeddings_from not in (None, "target"):
-            raise ConfigError(f"{flag('init_embeddings_from')} must be 'target', got {self.init_embeddings_from!r}")
-        if self.run_name is not None:
-            if not self.run_name or "/" in self.run_name or self.run_name.startswith("."):
-                raise ConfigError(f"{flag('run_name')} must be a plain directory name, got {self.run_name!r}")
         if self.steps is not None and self.epochs is not None:
             raise ConfigError("give either --steps or --epochs, not both")
-        if self.steps is not None:
-            _int("steps", self.steps, minimum=1)
-        if self.epochs is not None:
-            _number("epochs", self.epochs, low=0.0, low_open=True)
-        _int("workers", self.workers, minimum=1)
-        _number("lr", self.lr, low=0.0, low_open=True)
-        _int("warmup", self.warmup, minimum=0)
-        _number("weight_decay", self.weight_decay, low=0.0)
-        _number("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
-        _number("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
-        _number("grad_clip", self.grad_clip, low=0.0)
-        _int("batch_tokens", self.batch_tokens, minimum=2)
-        _number("eta", self.eta, low=0.0)
-        _int("seed", self.seed, minimum=0)
-        _number("heldout_fraction", self.heldout_fraction, low=0.0, high=0.5, low_open=True)
-        _int("eval_sequences", self.eval_sequences, minimum=1)
-        _int("eval_every", self.eval_every, minimum=0)
-        _int("checkpoint_every", self.checkpoint_every, minimum=0)
-        _int("keep_checkpoints", self.keep_checkpoints, minimum=1)
-        _int("tau_draft_len", self.tau_draft_len, minimum=1)
-        _int("pool_sequences", self.pool_sequences, minimum=1)
-        _int("prefetch_batches", self.prefetch_batches, minimum=1)
-        if not isinstance(self.resume, bool):
-            raise ConfigError(f"{flag('resume')} must be true or false")
-        if self.stop_after is not None:
-            _int("stop_after", self.stop_after, minimum=1)
 
     def resolved_dtype(self, device, *, warn: bool = False) -> str:
         """fp32 or bf16 on `device` (trainer.precision.resolve_dtype: auto is bf16 only where native)."""
         return resolve_dtype(self.dtype, device, warn=warn)
-
-
-def _choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"{flag(key)} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
-def _int(key: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{flag(key)} must be an integer >= {minimum}, got {value!r}")
-
-
-def _number(key: str, value: Any, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low:g}")
-        if high is not None:
-            bounds.append(f"{'<' if high_open else '<='} {high:g}")
-        raise ConfigError(f"{flag(key)} must be a finite number {' and '.join(bounds)}, got {value!r}")
 
 
 @dataclass
