@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pipeline.ray_session import ray_session  # noqa: E402
 from pipeline.target_worker import (SHARDS_IN_FLIGHT, BuildError, Sample, ShardTask, WorkerSpec,  # noqa: E402
                                     aux_layers)
-from trainer.precision import DTYPE_CHOICES, resolve_dtype  # noqa: E402
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES, resolve_dtype  # noqa: E402
+from trainer.settings import ConfigError, check_settings, setting  # noqa: E402
 
 STATS_NAME = "stats.json"
 MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.chat's loss-mask rules
@@ -32,74 +33,79 @@ DEVICES = ("auto", "cpu", "cuda")
 ACTOR_PREFIX = "lkspec-target"
 ACTOR_NAMESPACE = "lkspec"
 MAX_SKIP_EXAMPLES = 20
+REGENERATED_TOKENS = 256  # longest regenerated reply unless --max-new-tokens says otherwise
 
 
-class ConfigError(ValueError):
-    """A build setting is invalid; the message names the setting."""
+def parse_features(text: str) -> tuple[str, ...]:
+    """'none' | 'last' | 'aux' | 'last,aux' -> a tuple of feature names."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["none"] or not names:
+        return ()
+    unknown = [n for n in names if n not in FEATURE_NAMES]
+    if unknown:
+        raise ConfigError(f"must be none, last, aux or last,aux, got {text!r}", key="features")
+    return tuple(n for n in FEATURE_NAMES if n in names)
 
 
 @dataclass
 class BuildConfig:
     """Everything `lkspec cache build` takes; `validate()` checks it before anything starts."""
 
-    target: str
-    data: str
-    out: Path
-    k: int = 64
-    limit: int | None = None  # number of sequences kept (after skipping invalid rows), in dataset order
-    max_length: int = 1024
-    workers: int = 2
-    dtype: str = "auto"  # auto: bf16 where the workers' device computes it natively, else fp32 (resolve_build_dtype)
-    device: str = "auto"  # auto: cuda when the Ray cluster has GPUs, else cpu
-    gpus_per_worker: int | str = "auto"  # cuda workers: GPUs each; auto = the fewest that hold the target (pipeline.plan)
-    features: tuple[str, ...] = ()
-    regenerate: bool = False
-    max_new_tokens: int = 256
-    seed: int = 0
-    skip_invalid: bool = False
-    shard_size: int = 64
-    token_budget: int = 8192  # padded tokens per forward batch
-    threads: int | None = None  # torch threads per worker (default: CPUs // workers)
-    address: str | None = None
-    progress: bool = True
-    max_attempts: int = 3  # per shard, counting attempts lost to dead actors
+    target: str = setting(help="model: smollm2-135m, a Hugging Face directory or a .gguf")
+    data: str = setting(help="dataset: sharegpt, alpaca-demo, or a .jsonl/.json/.parquet file of 'messages' (OpenAI) "
+                        "or 'conversations' (ShareGPT) rows")
+    out: Path = setting(help="cache root; the cache goes to OUT/<key>")
+    k: int = setting(64, ge=1, help="top-k log-probs kept per trained position")
+    limit: int | None = setting(None, ge=1, help="keep the first N usable conversations (dataset order)")
+    max_length: int = setting(1024, ge=2, help="truncate sequences to this many tokens")
+    workers: int = setting(2, ge=1, help="TargetWorker actors")
+    # auto: bf16 where the workers' device computes it natively, else fp32 (resolve_build_dtype)
+    dtype: str = setting("auto", choices=DTYPE_CHOICES,
+                         help=f"target precision; {AUTO_HELP}, judged for --device (with --device cuda on a cluster "
+                         "whose GPUs this machine cannot see, auto is fp32: pass bf16). The resolved dtype enters "
+                         "the cache key")
+    device: str = setting("auto", choices=DEVICES, help="where the target runs: cuda puts each worker on its own "
+                          "GPU(s); auto picks cuda when the Ray cluster has GPUs")
+    gpus_per_worker: int | str = setting(
+        "auto", auto=True, ge=1, metavar="N|auto",
+        help="GPUs each cuda worker holds, the target split over them layer by layer; auto: the fewest whose memory "
+        "holds the weights and a batch (see `lkspec plan`)")
+    features: tuple[str, ...] = setting(
+        (), choices=FEATURE_NAMES, parse=parse_features, expected="none, last, aux or last,aux",
+        help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux (default: none)")
+    regenerate: bool = setting(False, help="replace each assistant reply by one sampled from the target at T=1")
+    max_new_tokens: int | None = setting(
+        None, ge=1, help=f"longest regenerated reply, with --regenerate (default: {REGENERATED_TOKENS})")
+    seed: int = setting(0, ge=0, help="seed of the regenerated replies")
+    skip_invalid: bool = setting(False, help="skip and count malformed rows instead of stopping at the first")
+    shard_size: int = setting(64, ge=1, help="sequences per shard (the unit of work)")
+    token_budget: int = setting(8192, ge=1, help="padded tokens per forward batch")
+    threads: int | None = setting(None, ge=1, help="torch threads per worker (default: CPUs / workers)")
+    address: str | None = setting(None, help="Ray cluster to use, e.g. 127.0.0.1:6379 (default: start a local one)")
+    progress: bool = setting(True, help="no progress bar")
+    max_attempts: int = setting(3, cli=False, ge=1, help="attempts per shard, counting attempts lost to dead actors")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad setting."""
         self.out = Path(self.out).expanduser()
         if isinstance(self.features, str):
             self.features = parse_features(self.features)
-        checks = [
-            ("target", isinstance(self.target, str) and bool(self.target), "a model alias or path"),
-            ("data", isinstance(self.data, str) and bool(self.data), "a dataset alias or file"),
-            ("k", _int_at_least(self.k, 1), "an integer >= 1"),
-            ("limit", self.limit is None or _int_at_least(self.limit, 1), "an integer >= 1"),
-            ("max_length", _int_at_least(self.max_length, 2), "an integer >= 2"),
-            ("workers", _int_at_least(self.workers, 1), "an integer >= 1"),
-            ("dtype", self.dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
-            ("device", self.device in DEVICES, f"one of {', '.join(DEVICES)}"),
-            ("gpus_per_worker", self.gpus_per_worker == "auto" or _int_at_least(self.gpus_per_worker, 1),
-             "auto or an integer >= 1"),
-            ("features", all(f in FEATURE_NAMES for f in self.features), "none, last, aux or last,aux"),
-            ("max_new_tokens", _int_at_least(self.max_new_tokens, 1), "an integer >= 1"),
-            ("seed", _int_at_least(self.seed, 0), "an integer >= 0"),
-            ("shard_size", _int_at_least(self.shard_size, 1), "an integer >= 1"),
-            ("token_budget", _int_at_least(self.token_budget, 1), "an integer >= 1"),
-            ("threads", self.threads is None or _int_at_least(self.threads, 1), "an integer >= 1"),
-            ("max_attempts", _int_at_least(self.max_attempts, 1), "an integer >= 1"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check_settings(self)
         self.features = tuple(name for name in FEATURE_NAMES if name in self.features)
+        if self.max_new_tokens is not None and not self.regenerate:
+            raise ConfigError("only applies with --regenerate", key="max_new_tokens")
         if self.token_budget < self.max_length:
-            raise ConfigError(f"token_budget ({self.token_budget}) must be >= max_length ({self.max_length}) "
-                              "so that the longest sequence fits in a batch")
+            raise ConfigError(f"({self.token_budget}) must be >= max_length ({self.max_length}) so that the longest "
+                              "sequence fits in a batch", key="token_budget")
         if self.out.exists() and not self.out.is_dir():
-            raise ConfigError(f"out must be a directory, {self.out} is a file")
+            raise ConfigError(f"must be a directory, {self.out} is a file", key="out")
         if self.device == "cuda" and not (self.address or os.environ.get("RAY_ADDRESS")) and not _local_cuda():
-            raise ConfigError("device cuda needs a GPU, and torch sees no CUDA device on this machine: use "
-                              "--device cpu (or auto), or --address of a Ray cluster with GPU nodes")
+            raise ConfigError("cuda needs a GPU, and torch sees no CUDA device on this machine: use --device cpu "
+                              "(or auto), or --address of a Ray cluster with GPU nodes", key="device")
+
+    def reply_tokens(self) -> int:
+        """The longest regenerated reply."""
+        return REGENERATED_TOKENS if self.max_new_tokens is None else self.max_new_tokens
 
     def threads_per_worker(self) -> int:
         return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
@@ -119,21 +125,6 @@ def resolve_build_dtype(config: BuildConfig) -> str:
     """
     device = config.device if config.device != "auto" else ("cuda" if _local_cuda() else "cpu")
     return resolve_dtype(config.dtype, device)
-
-
-def _int_at_least(value: object, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def parse_features(text: str) -> tuple[str, ...]:
-    """'none' | 'last' | 'aux' | 'last,aux' -> a tuple of feature names."""
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if names == ["none"] or not names:
-        return ()
-    unknown = [n for n in names if n not in FEATURE_NAMES]
-    if unknown:
-        raise ConfigError(f"features must be none, last, aux or last,aux; got {text!r}")
-    return tuple(n for n in FEATURE_NAMES if n in names)
 
 
 @dataclass
@@ -246,7 +237,7 @@ def _build_locked(config: BuildConfig, target: _Target, dataset, identity: dict,
         feature_dims={name: spec["dim"] for name, spec in features.items()},
         aux_layers=tuple(features.get("aux", {}).get("layers", ())), token_budget=config.token_budget,
         threads=config.threads_per_worker(), regenerate=config.regenerate,
-        max_new_tokens=config.max_new_tokens, max_length=config.max_length, seed=config.seed,
+        max_new_tokens=config.reply_tokens(), max_length=config.max_length, seed=config.seed,
     )
     run = _RunState()
     if pending:
@@ -286,7 +277,7 @@ def cache_identity(config: BuildConfig, target: _Target, dataset_identity: dict)
         "features": feature_specs(config.features, target),
         "max_length": config.max_length,
         "dtype": config.dtype,
-        "generation": ({"regenerate": True, "temperature": 1.0, "max_new_tokens": config.max_new_tokens,
+        "generation": ({"regenerate": True, "temperature": 1.0, "max_new_tokens": config.reply_tokens(),
                         "seed": config.seed} if config.regenerate else {"regenerate": False}),
         "layout": {"shard_size": config.shard_size, "token_budget": config.token_budget},
     }
@@ -314,7 +305,7 @@ def _load_target(config: BuildConfig) -> _Target:
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     vocab_size = int(text_config.vocab_size)
     if config.k > vocab_size:
-        raise ConfigError(f"k ({config.k}) is larger than the target's vocabulary ({vocab_size})")
+        raise ConfigError(f"({config.k}) is larger than the target's vocabulary ({vocab_size})", key="k")
     tokenizer = AutoTokenizer.from_pretrained(resolved.path)
     return _Target(resolved.path, resolved.identity, tokenizer, tokenizer_fingerprint(tokenizer),
                    chat_template_sha256(tokenizer), vocab_size, int(text_config.hidden_size),

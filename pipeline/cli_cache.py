@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 from pipeline.cli import CliError
-from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -25,6 +24,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 def register(subparsers) -> None:
     """Add `cache` and its sub-commands to the lkspec parser."""
+    from pipeline.build import BuildConfig
+    from trainer.settings import add_flags
+
     cache = subparsers.add_parser(
         "cache", help="build and manage target-logit caches",
         description="Run the target once over a dataset on Ray and keep its top-k log-probs in a "
@@ -35,46 +37,12 @@ def register(subparsers) -> None:
 
     build = commands.add_parser(
         "build", help="run the target over a dataset and write a cache (resumes, reuses)",
-        formatter_class=_DefaultsFormatter,
         description="Tokenize DATA with the target's chat template, run the target teacher-forced on a pool "
                     "of Ray actors and store the top-k log-probs of every assistant token. The cache "
                     "directory is OUT/<content key>; the last line printed is its path. A complete cache "
                     "with the same key is reused; an interrupted build resumes where it stopped.",
     )
-    build.add_argument("--target", required=True, help="model: smollm2-135m, a Hugging Face directory or a .gguf")
-    build.add_argument("--data", required=True,
-                       help="dataset: sharegpt, alpaca-demo, or a .jsonl/.json/.parquet file of "
-                            "'messages' (OpenAI) or 'conversations' (ShareGPT) rows")
-    build.add_argument("--out", required=True, type=Path, help="cache root; the cache goes to OUT/<key>")
-    build.add_argument("--k", type=int, default=64, help="top-k log-probs kept per trained position")
-    build.add_argument("--limit", type=int, default=None,
-                       help="keep the first N usable conversations (dataset order)")
-    build.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
-    build.add_argument("--workers", type=int, default=2, help="TargetWorker actors")
-    build.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
-    build.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help=f"target precision; {AUTO_HELP}, judged for --device (with --device cuda on a "
-                            "cluster whose GPUs this machine cannot see, auto is fp32: pass bf16). The resolved "
-                            "dtype enters the cache key")
-    build.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                       help="where the target runs: cuda puts each worker on its own GPU(s); auto picks cuda when "
-                            "the Ray cluster has GPUs")
-    build.add_argument("--gpus-per-worker", type=_gpus_per_worker, default="auto", metavar="N|auto",
-                       help="GPUs each cuda worker holds, the target split over them layer by layer; auto: the "
-                            "fewest whose memory holds the weights and a batch (see `lkspec plan`)")
-    build.add_argument("--features", default="none",
-                       help="hidden-state features to store: none, last, aux (EAGLE-3 low/mid/high) or last,aux")
-    build.add_argument("--regenerate", action="store_true",
-                       help="replace each assistant reply by one sampled from the target at T=1")
-    build.add_argument("--max-new-tokens", type=int, default=None, help="longest regenerated reply, with --regenerate (default: 256)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the regenerated replies")
-    build.add_argument("--skip-invalid", action="store_true",
-                       help="skip and count malformed rows instead of stopping at the first")
-    build.add_argument("--shard-size", type=int, default=64, help="sequences per shard (the unit of work)")
-    build.add_argument("--token-budget", type=int, default=8192, help="padded tokens per forward batch")
-    build.add_argument("--address", default=None,
-                       help="Ray cluster to use, e.g. 127.0.0.1:6379 (default: start a local one)")
-    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(build, BuildConfig)
     build.set_defaults(func=cmd_build)
 
     info = commands.add_parser("info", help="describe a cache", description="Describe a cache directory.")
@@ -109,64 +77,25 @@ def register(subparsers) -> None:
     gc.set_defaults(func=cmd_gc)
 
 
-def _gpus_per_worker(text: str) -> int | str:
-    """--gpus-per-worker: `auto` or a positive integer."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 1, got {text!r}")
-    return value
-
-
 def cmd_build(args: argparse.Namespace) -> int:
     """`cache build`: validate, build (or resume, or reuse) and print the cache directory last."""
-    from pipeline.build import BuildConfig, ConfigError, parse_features
-
-    try:
-        config = BuildConfig(
-            target=args.target, data=args.data, out=args.out, k=args.k, limit=args.limit,
-            max_length=args.max_length, workers=args.workers, dtype=args.dtype, device=args.device,
-            gpus_per_worker=args.gpus_per_worker,
-            features=parse_features(args.features), regenerate=args.regenerate,
-            max_new_tokens=256 if args.max_new_tokens is None else args.max_new_tokens, seed=args.seed, skip_invalid=args.skip_invalid,
-            shard_size=args.shard_size, token_budget=args.token_budget, threads=args.threads,
-            address=args.address, progress=not args.no_progress,
-        )
-        config.validate()
-    except ConfigError as exc:
-        raise CliError(_flag_names(str(exc))) from None
-    if args.max_new_tokens is not None and not args.regenerate:
-        raise CliError("--max-new-tokens only applies with --regenerate")
-    outcome = _run_with_user_errors(config)  # reports reuse / resume / the summary on stdout
-    print(outcome.path)
-    return 0
-
-
-def _run_with_user_errors(config):
-    """run_build with every expected failure turned into a one-line CliError."""
     from cache import CacheError
-    from pipeline.build import ConfigError, run_build
+    from pipeline.build import BuildConfig, run_build
     from pipeline.chat import ChatTemplateError
     from pipeline.data import DataError
     from pipeline.models import ModelNotFoundError
     from pipeline.target_worker import BuildError
+    from trainer.settings import ConfigError, from_args
 
     try:
-        return run_build(config, log=lambda message: print(message, flush=True))
+        config = from_args(BuildConfig, args)
+        outcome = run_build(config, log=lambda message: print(message, flush=True))  # reports reuse / resume
     except ConfigError as exc:
-        raise CliError(_flag_names(str(exc))) from None
+        raise CliError(exc.flag_message()) from None
     except (ModelNotFoundError, DataError, ChatTemplateError, BuildError, CacheError) as exc:
         raise CliError(str(exc)) from None
-
-
-def _flag_names(message: str) -> str:
-    """ConfigError names dataclass fields; the CLI user knows them as flags."""
-    head, _, tail = message.partition(" ")
-    return f"--{head.replace('_', '-')} {tail}" if head.isidentifier() else message
+    print(outcome.path)
+    return 0
 
 
 def _open(cache_dir: Path, allow_incomplete: bool = True):
