@@ -14,72 +14,59 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from eval.report import BASELINE
 from pipeline.ray_session import ray_session
-from trainer.precision import DTYPE_CHOICES, resolve_dtype
+from trainer.precision import AUTO_HELP, DTYPE_CHOICES, resolve_dtype
+from trainer.settings import ConfigError, check_settings, setting
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")  # any one: a tokenizer ships
 BENCH_DEVICE = "cpu"  # where BenchWorker actors decode
-
-
-class BenchConfigError(ValueError):
-    """A bench setting is invalid; raised before any Ray worker starts."""
 
 
 @dataclass
 class BenchConfig:
     """Everything `lkspec bench` needs; `validate()` checks values that do not need models."""
 
-    target: str
-    drafters: list[str]
-    benchmarks: list[str] = field(default_factory=lambda: ["mt-bench", "humaneval", "gsm8k"])
-    limit: int | None = None  # N evenly spaced prompts per benchmark (all when None)
-    temperatures: list[float] = field(default_factory=lambda: [0.0])
-    k: int = 7
-    max_new_tokens: int = 256
-    workers: int = 1
-    threads_per_worker: int | None = None  # default: the cluster's CPUs / workers
-    seed: int = 0
-    dtype: str = "auto"  # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
-    gpus_per_worker: int | str = "auto"  # GPUs per actor's target: auto = none on a CPU cluster, else the fewest that hold it
-    out: Path = Path("bench-report")
-    address: str | None = None  # existing Ray cluster (or $RAY_ADDRESS); else a private local one
-    progress: bool = True
+    target: str = setting(help="target model: alias, HF directory or .gguf file")
+    drafters: list[str] = setting(
+        key="drafter", metavar="RUN_OR_DIR[,...]", expected="at least one drafter (run directory or HF directory)",
+        help="drafters: training run directories (run.json + model/), EAGLE-3 exports (config.json + "
+        "model.safetensors, vLLM/SGLang layout) or HF directories")
+    benchmarks: list[str] = setting(["mt-bench", "humaneval", "gsm8k"], key="bench", metavar="NAME[,...]",
+                                    help='mt-bench, humaneval, gsm8k or .jsonl files of {"prompt": ...} lines '
+                                    "(default: all three)")
+    limit: int | None = setting(None, ge=1, expected=">= 1",  # N evenly spaced prompts per benchmark (None: all)
+                                help="N evenly spaced prompts per benchmark (deterministic; default: all)")
+    temperatures: list[float] = setting([0.0], key="temperature", ge=0, expected=">= 0", metavar="T[,...]",
+                                        help="sampling temperatures, 0 = greedy (default: 0)")
+    k: int = setting(7, ge=1, expected=">= 1 (drafted tokens per step)", help="drafted tokens per target forward")
+    max_new_tokens: int = setting(256, ge=1, expected=">= 1", help="per prompt")
+    workers: int = setting(1, ge=1, expected=">= 1", help="Ray actors, each holding all models")
+    threads_per_worker: int | None = setting(None, key="threads", ge=1,  # default: the cluster's CPUs / workers
+                                             help="torch threads per worker (default: cluster CPUs / workers)")
+    seed: int = setting(0, ge=0, help="sampling seed (T > 0)")
+    # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
+    dtype: str = setting("auto", choices=DTYPE_CHOICES, help=f"precision of the target and drafters (default "
+                         f"{AUTO_HELP}); the report records the resolved one")
+    # GPUs per actor's target: auto = none on a CPU cluster, else the fewest that hold it
+    gpus_per_worker: int | str = setting(
+        "auto", auto=True, ge=0, metavar="N|auto",
+        help="GPUs each actor's target holds, split over them layer by layer (auto: none on a CPU cluster, else the "
+        "fewest that hold the target; 0: decode on the CPU)")
+    out: Path = setting(Path("bench-report"), help="report directory")
+    address: str | None = setting(None, help="existing Ray cluster (default: start a private local one)")
+    progress: bool = setting(True, help="no progress bar")
 
     def validate(self) -> None:
         """Reject bad values with a message naming the setting."""
         from eval.prompts import BENCHMARKS, is_benchmark
 
-        if self.k < 1:
-            raise BenchConfigError(f"k must be >= 1 (drafted tokens per step), got {self.k}")
-        if not self.temperatures:
-            raise BenchConfigError("temperature: give at least one value")
-        for temperature in self.temperatures:
-            if not temperature >= 0:
-                raise BenchConfigError(f"temperature must be >= 0, got {temperature}")
-        if self.max_new_tokens < 1:
-            raise BenchConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.limit is not None and self.limit < 1:
-            raise BenchConfigError(f"limit must be >= 1, got {self.limit}")
-        if self.workers < 1:
-            raise BenchConfigError(f"workers must be >= 1, got {self.workers}")
-        if self.threads_per_worker is not None and self.threads_per_worker < 1:
-            raise BenchConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
-        if self.gpus_per_worker != "auto" and not (isinstance(self.gpus_per_worker, int)
-                                                   and self.gpus_per_worker >= 0):
-            raise BenchConfigError(f"gpus_per_worker must be auto or an integer >= 0, got {self.gpus_per_worker!r}")
-        if self.dtype not in DTYPE_CHOICES:
-            raise BenchConfigError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
-        if not self.drafters:
-            raise BenchConfigError("drafter: give at least one drafter (run directory or HF directory)")
-        if not self.benchmarks:
-            raise BenchConfigError("bench: give at least one benchmark")
+        check_settings(self)
         for name in self.benchmarks:
             if not is_benchmark(name):
-                raise BenchConfigError(
+                raise ConfigError(
                     f"unknown benchmark {name!r}: expected one of {', '.join(BENCHMARKS)} "
                     "or a .jsonl file of {\"prompt\": ...} lines"
                 )
@@ -103,14 +90,14 @@ def resolve_drafter(spec: str) -> Drafter:
     if (path / "run.json").is_file():
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
-            raise BenchConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
+            raise ConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
         return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
                        _drafter_kind(model_dir))
     if (path / "config.json").is_file():
         return Drafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
     if spec in EMBEDDED_MODELS:
         return Drafter(spec, resolve_model(spec).path)
-    raise BenchConfigError(
+    raise ConfigError(
         f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3, "
         "MEDUSA or MLP speculator export (config.json + model.safetensors) or a Hugging Face directory with "
         "config.json"
@@ -126,7 +113,7 @@ def _drafter_kind(model_dir: Path) -> str:
 def run_bench(config: BenchConfig) -> Path:
     """Run the benchmark and write the report into config.out; returns that directory."""
     from eval.prompts import PromptSetError
-    from eval.report import summarize, write_report
+    from eval.report import BASELINE, summarize, write_report
     from pipeline.models import ModelNotFoundError, resolve_model
 
     config.validate()
@@ -134,7 +121,7 @@ def run_bench(config: BenchConfig) -> Path:
     try:
         target = resolve_model(config.target)
     except ModelNotFoundError as exc:
-        raise BenchConfigError(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
     drafters = _unique_names([resolve_drafter(spec) for spec in config.drafters])
     tokenizer = _check_tokenizers(target.path, drafters)
     _check_drafter_targets(target.path, drafters)
@@ -142,7 +129,7 @@ def run_bench(config: BenchConfig) -> Path:
     try:
         items = _prompt_items(config, tokenizer)
     except PromptSetError as exc:
-        raise BenchConfigError(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
     out = Path(config.out)
     settings = _settings_sha256(config, target, drafters, items)
     if _is_finished(out, settings):  # a rerun (e.g. after Ctrl-C later on) reuses the finished report
@@ -199,6 +186,8 @@ def _is_finished(out: Path, settings: str) -> bool:
 # --- driver-side preparation ------------------------------------------------------------------
 
 def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
+    from eval.report import BASELINE
+
     seen: dict[str, int] = {}
     unique = []
     for drafter in drafters:
@@ -206,7 +195,7 @@ def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
         name = drafter.name if seen[drafter.name] == 1 else f"{drafter.name}-{seen[drafter.name]}"
         unique.append(Drafter(name, drafter.path, drafter.run, drafter.kind))
     if any(d.name == BASELINE for d in unique):
-        raise BenchConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
+        raise ConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
     return unique
 
 
@@ -226,7 +215,7 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
             continue
         drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}"))
         if drafter_sha != target_sha:
-            raise BenchConfigError(
+            raise ConfigError(
                 f"drafter {drafter.name!r} ({drafter.path}) has a different tokenizer than the target "
                 f"({target_path}): drafter tokenizer sha {drafter_sha[:12]}…, target {target_sha[:12]}…"
             )
@@ -249,7 +238,7 @@ def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
         try:
             kind.check_target(kind.read_config(drafter.path), target_config)
         except (DrafterMismatchError, ExportFormatError) as exc:
-            raise BenchConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
+            raise ConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
 
 
 def _check_vocab_sizes(target_path: Path, drafters: list[Drafter]) -> None:
@@ -267,7 +256,7 @@ def _check_vocab_sizes(target_path: Path, drafters: list[Drafter]) -> None:
     for drafter in independent:
         drafter_vocab = vocab_size(drafter.path)
         if not isinstance(drafter_vocab, int) or drafter_vocab < target_vocab:
-            raise BenchConfigError(f"target {target_path} has vocabulary size {target_vocab}, drafter "
+            raise ConfigError(f"target {target_path} has vocabulary size {target_vocab}, drafter "
                                    f"{drafter.path} has vocab_size {drafter_vocab}")
 
 
@@ -277,7 +266,7 @@ def _load_tokenizer(path: Path, what: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
-        raise BenchConfigError(f"{what} at {path} has no loadable tokenizer files: {exc}") from exc
+        raise ConfigError(f"{what} at {path} has no loadable tokenizer files: {exc}") from exc
 
 
 def _prompt_items(config: BenchConfig, tokenizer) -> list[dict]:
@@ -316,7 +305,7 @@ def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafte
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = config.threads_per_worker or max(1, min(node_cpus, total_cpus // config.workers))
     if threads > node_cpus:
-        raise BenchConfigError(f"threads_per_worker={threads} exceeds the largest node's {node_cpus} CPUs: "
+        raise ConfigError(f"threads_per_worker={threads} exceeds the largest node's {node_cpus} CPUs: "
                                "no actor could ever be placed")
     gpus, max_memory, workers = _target_gpus(config, target_path, items)
     actor_cls = ray.remote(num_cpus=threads, num_gpus=gpus)(BenchWorker)
@@ -350,14 +339,14 @@ def _target_gpus(config: BenchConfig, target_path: Path, items: list[dict]) -> t
 
     if ray.cluster_resources().get("GPU", 0) < 1 or config.gpus_per_worker == 0:
         if config.gpus_per_worker not in ("auto", 0):
-            raise BenchConfigError(f"gpus_per_worker={config.gpus_per_worker}: the Ray cluster has no GPU")
+            raise ConfigError(f"gpus_per_worker={config.gpus_per_worker}: the Ray cluster has no GPU")
         return 0, 0, config.workers
     longest = max(len(item["input_ids"]) for item in items) + config.max_new_tokens + config.k + 1
     try:
         placement, slots = place_target_on_gpus(target_path, config.target, config.gpus_per_worker,
                                                 token_budget=longest, dtype=config.dtype, k=1)
     except BuildError as exc:
-        raise BenchConfigError(str(exc)) from None
+        raise ConfigError(str(exc)) from None
     return placement.gpus_per_worker, placement.max_memory_bytes, max(1, min(config.workers, slots))
 
 
@@ -370,6 +359,7 @@ class BenchWorker:
         import torch
 
         from eval import load_drafter
+        from eval.report import BASELINE
         from pipeline.models import load_model
         from pipeline.target_worker import load_placed_model
 

@@ -10,8 +10,9 @@ import pytest
 
 from eval.prompts import BENCHMARKS
 from pipeline import bench_job
-from pipeline.bench_job import BenchConfig, BenchConfigError, run_bench
+from pipeline.bench_job import BenchConfig, run_bench
 from pipeline.cli import CliError
+from trainer.settings import ConfigError as BenchConfigError
 
 
 @pytest.fixture

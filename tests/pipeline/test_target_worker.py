@@ -177,8 +177,9 @@ def test_several_gpus_per_worker_on_cpu_workers_is_refused(ray_address, tiny_lla
 
 
 def test_bench_gpus_per_worker_is_checked(tmp_path):
-    from pipeline.bench_job import BenchConfig, BenchConfigError
+    from pipeline.bench_job import BenchConfig
     from pipeline.cli import build_parser
+    from trainer.settings import ConfigError as BenchConfigError
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hello"}\n')
@@ -195,7 +196,8 @@ def test_bench_gpus_per_worker_is_checked(tmp_path):
 
 @pytest.mark.slow
 def test_bench_asks_for_gpus_only_where_there_are_some(ray_address, tiny_llama_dir, tmp_path):
-    from pipeline.bench_job import BenchConfig, BenchConfigError, _target_gpus
+    from pipeline.bench_job import BenchConfig, _target_gpus
+    from trainer.settings import ConfigError as BenchConfigError
 
     items = [{"input_ids": [1, 2, 3]}]
     auto = BenchConfig(target=str(tiny_llama_dir), drafters=["d"], workers=2)
