@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.ray_session import ray_session
+from pipeline.stages import BENCH, DRAFTERS, StageConfig
+from trainer.precision import DTYPE_CHOICES
+from trainer.settings import preset, setting
 
 if TYPE_CHECKING:
     from pipeline.bench_job import BenchConfig
@@ -18,8 +21,10 @@ DEMO_LOSSES = ("kl", "lk_lambda")
 
 
 @dataclass
-class DemoConfig:
-    """Sizes of the demo's three stages; the defaults fit 15 minutes on a 2-core CPU machine.
+@preset(out=Path("lkspec-demo"), conversations=250, losses=DEMO_LOSSES, steps=100, batch_tokens=2048, lr=5e-3,
+        bench_limit=3, draft_k=1, max_new_tokens=64)
+class DemoConfig(StageConfig):
+    """The study's stage sizes as a preset that fits 15 minutes on a 2-core CPU machine, with one drafter.
 
     The drafter is one MEDUSA head over an 8,192-token draft vocabulary (drafting K = 1 token per
     target forward): it starts from the target's own LM head and costs one matrix-vector product
@@ -27,29 +32,11 @@ class DemoConfig:
     once on a CPU; the tiny independent drafter did not (0.42x the target's speed).
     """
 
-    out: Path = Path("lkspec-demo")
-    target: str = "smollm2-135m"
-    data: str = "sharegpt"
-    conversations: int = 250
-    max_length: int = 384
-    k: int = 32
-    drafter: str = "medusa:heads=1,draft_vocab=8192"
-    losses: tuple[str, ...] = DEMO_LOSSES
-    steps: int = 100
-    batch_tokens: int = 2048
-    lr: float = 5e-3
-    bench: tuple[str, ...] = ("mt-bench", "humaneval", "gsm8k")
-    bench_limit: int = 3
-    temperatures: tuple[float, ...] = (0.0, 1.0)
-    draft_k: int = 1
-    max_new_tokens: int = 64
-    dtype: str = "auto"  # cache and training: auto is bf16 only where the device computes it natively
-    bench_dtype: str = "auto"
-    workers: int = 2
-    seed: int = 0
-    address: str | None = None
-    progress: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
+    drafter: str = setting("medusa:heads=1,draft_vocab=8192", group=DRAFTERS,
+                           help="drafter: a preset, or a model alias / directory that is fine-tuned and also "
+                           "benchmarked untuned")
+    bench_dtype: str = setting("auto", group=BENCH, choices=DTYPE_CHOICES, help="benchmark precision")
+    seed: int = setting(0, group=DRAFTERS, ge=0, help="seed")
 
 
 def run_demo(config: DemoConfig) -> Path:
@@ -100,37 +87,17 @@ def stage_configs(config: DemoConfig) -> tuple[BuildConfig, list[TrainConfig], B
     Raises ValueError naming the setting before anything runs; run_demo fills in the cache path and
     the benchmarked drafters as the stages finish.
     """
-    from pipeline.bench_job import BenchConfig
-    from pipeline.build import BuildConfig
     from pipeline.train_job import sweep_configs
-    from trainer.config import TrainConfig
 
-    out = Path(config.out).expanduser().resolve()
     drafter, pretrained = _demo_drafter(config.drafter)
-    build_config = BuildConfig(
-        target=config.target, data=config.data, out=out / "caches", k=config.k,
-        limit=config.conversations, max_length=config.max_length, workers=config.workers,
-        dtype=config.dtype, address=config.address, progress=config.progress, seed=config.seed,
-        skip_invalid=True,  # ShareGPT has a few empty turns: skip and count them
-        shard_size=16,  # small shards: steady progress and even load over the workers
-        features=demo_features(config.drafter),  # the hidden-state columns the drafter family reads (MEDUSA: last)
-    )
+    build_config = config.build_config(config.k, features=demo_features(config.drafter), seed=config.seed)
     build_config.validate()
-    train_base = TrainConfig(
-        cache="<cache>", out=str(out / "runs"), drafter=drafter,
-        init_embeddings_from=None if pretrained else "target",  # a pretrained drafter keeps its own
-        steps=config.steps, workers=config.workers, zero=2, dtype=config.dtype, batch_tokens=config.batch_tokens,
-        lr=config.lr,
-        warmup=min(100, config.steps // 10), eval_every=max(1, config.steps // 3),
-        checkpoint_every=config.steps, seed=config.seed, resume=True,
-    )
+    train_base = config.run_config(
+        drafter, cache="<cache>", warmup=min(100, config.steps // 10), eval_every=max(1, config.steps // 3),
+        seed=config.seed, init_embeddings_from=None if pretrained else "target")  # a pretrained drafter keeps its own
     train_configs = sweep_configs(train_base, list(config.losses))  # validates each
-    bench_config = BenchConfig(
-        target=config.target, drafters=["<drafter>"],
-        benchmarks=list(config.bench), limit=config.bench_limit, temperatures=list(config.temperatures),
-        k=config.draft_k, max_new_tokens=config.max_new_tokens, workers=config.workers, seed=config.seed,
-        dtype=config.bench_dtype, out=out / "report", progress=config.progress,
-    )
+    bench_config = config.bench_config(["<drafter>"], config.temperatures, "report", dtype=config.bench_dtype,
+                                       seed=config.seed)
     bench_config.validate()
     return build_config, train_configs, bench_config
 

@@ -23,10 +23,13 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.ray_session import ray_session
+from pipeline.stages import BENCH, DRAFTERS, WHAT, StageConfig
+from trainer.loss_names import LOSS_NAMES, TAIL_MODES
+from trainer.settings import ConfigError, setting
 
 PARTS = ("reproduction", "topk", "all")
 REFERENCE_LOSS = "kl"
@@ -34,98 +37,58 @@ REPRODUCTION_TAIL = "bucket"
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 
 
-class StudyConfigError(ValueError):
-    """A study setting is invalid; the message names the flag. Raised before Ray starts."""
-
-
 @dataclass
-class StudyConfig:
-    """Budget and design of the study; the defaults fit about an hour on a 2-core CPU machine."""
+class StudyConfig(StageConfig):
+    """Design of the study over the shared stage sizes; the defaults fit about an hour on a 2-core CPU machine."""
 
-    out: Path = Path("lkspec-study")
-    part: str = "all"
-    target: str = "smollm2-135m"
-    data: str = "sharegpt"
-    conversations: int = 150
-    max_length: int = 384
-    dtype: str = "auto"  # cache, training and benchmark precision: auto is bf16 only where it is native
-    drafters: tuple[str, ...] = ("tiny",)  # `lkspec train --drafter` values: one reproduction section each
-    steps: int = 45
-    batch_tokens: int = 512
-    lr: float = 1e-3
-    warmup: int = 4
-    workers: int = 2
-    seeds: tuple[int, ...] = (0, 1, 2)
-    heldout_fraction: float = 0.05
-    eval_sequences: int = 256  # held-out sequences scored per run: the sequences of the α bootstrap
-    losses: tuple[str, ...] = ("kl", "lk_alpha", "lk_lambda")
-    k: int = 32
-    topk_ks: tuple[int, ...] = (8, 32, 128)
-    tails: tuple[str, ...] = ("drop", "bucket")
-    topk_loss: str = "lk_lambda"
-    bench: tuple[str, ...] = ("mt-bench", "humaneval", "gsm8k")
-    bench_limit: int = 5
-    temperatures: tuple[float, ...] = (0.0, 1.0)
-    topk_temperatures: tuple[float, ...] = (1.0,)
-    draft_k: int = 4
-    max_new_tokens: int = 32
-    resamples: int = 10_000
-    confidence: float = 0.95
-    address: str | None = None
-    progress: bool = True
-    timings: dict[str, float] = field(default_factory=dict)
+    part: str = setting("all", group=WHAT, choices=PARTS, help="which part")
+    # `lkspec train --drafter` values: one reproduction section each
+    drafters: tuple[str, ...] = setting(
+        ("tiny",), key="drafter", aliases=("--family",), group=DRAFTERS, metavar="DRAFTER[,...]",
+        parse=lambda text: split_drafters(text), check=lambda drafter: bool(drafter_label(drafter)),
+        distinct=lambda drafter: drafter_label(drafter),
+        expected="distinct drafters (names as `lkspec train --drafter` takes them)",
+        help="drafters as `lkspec train --drafter` takes them (a preset, a model directory, medusa[:KEY=VALUE,...], "
+        "mlp[:...], eagle3[:...]), comma-separated; one reproduction section each")
+    warmup: int = setting(4, group=DRAFTERS, ge=0, help="warm-up steps")
+    seeds: tuple[int, ...] = setting((0, 1, 2), group=DRAFTERS, ge=0, distinct=True, help="training seeds")
+    heldout_fraction: float = setting(0.05, group=DRAFTERS, gt=0, le=0.5,
+                                      help="sequences held out of training, by sample-id hash")
+    eval_sequences: int = setting(256, group=DRAFTERS, ge=1,  # held-out sequences scored per run
+                                  help="held-out sequences scored per run: the alpha bootstrap's sequences")
+    topk_ks: tuple[int, ...] = setting((8, 32, 128), key="topk_k", group=DRAFTERS, ge=1, distinct=True,
+                                       help="top-k part: k values")
+    tails: tuple[str, ...] = setting(("drop", "bucket"), key="tail", group=DRAFTERS, choices=TAIL_MODES,
+                                     distinct=True, expected=f"distinct tail modes from {', '.join(TAIL_MODES)}",
+                                     help="top-k part: tail modes")
+    topk_loss: str = setting("lk_lambda", group=DRAFTERS, check=LOSS_NAMES.__contains__,
+                             expected=f"one of {', '.join(LOSS_NAMES)}", help="top-k part: the loss")
+    topk_temperatures: tuple[float, ...] = setting((1.0,), key="topk_temperature", group=BENCH, ge=0,
+                                                   help="top-k part temperatures")
+    resamples: int = setting(10_000, group=BENCH, ge=100, help="bootstrap resamples")
+    confidence: float = setting(0.95, group=BENCH, gt=0, lt=1, help="confidence level of the intervals")
 
     def parts(self) -> tuple[str, ...]:
         """The parts to run, in order."""
         return ("reproduction", "topk") if self.part == "all" else (self.part,)
 
     def validate(self) -> None:
-        """Raise StudyConfigError naming the flag of the first bad value, then run every stage's own checks."""
-        from eval.prompts import BENCHMARKS, is_benchmark
-        from trainer.losses import LOSS_NAMES, TAIL_MODES
-
-        _check("part", self.part in PARTS, f"one of {', '.join(PARTS)}", self.part)
-        for key in ("conversations", "steps", "batch_tokens", "workers", "k", "bench_limit", "draft_k",
-                    "max_new_tokens", "eval_sequences"):
-            value = getattr(self, key)
-            _check(key, isinstance(value, int) and not isinstance(value, bool) and value >= 1, "an integer >= 1", value)
-        _check("max_length", isinstance(self.max_length, int) and self.max_length >= 2, "an integer >= 2",
-               self.max_length)
-        _check("warmup", isinstance(self.warmup, int) and self.warmup >= 0, "an integer >= 0", self.warmup)
-        _check("resamples", isinstance(self.resamples, int) and self.resamples >= 100, "an integer >= 100",
-               self.resamples)
-        _check("confidence", 0 < self.confidence < 1, "a number in (0, 1)", self.confidence)
-        _check("seeds", bool(self.seeds) and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
-               "distinct integers >= 0", ",".join(map(str, self.seeds)))
-        _check("loss", REFERENCE_LOSS in self.losses and len(self.losses) >= 2
-               and len(set(self.losses)) == len(self.losses) and set(self.losses) <= set(LOSS_NAMES),
-               f"distinct losses from {', '.join(LOSS_NAMES)}, including the reference {REFERENCE_LOSS} "
-               "and at least one other", ",".join(self.losses))
-        _check("topk_k", bool(self.topk_ks) and len(set(self.topk_ks)) == len(self.topk_ks)
-               and min(self.topk_ks) >= 1, "distinct integers >= 1", ",".join(map(str, self.topk_ks)))
-        _check("tail", bool(self.tails) and set(self.tails) <= set(TAIL_MODES)
-               and len(set(self.tails)) == len(self.tails),
-               f"distinct tail modes from {', '.join(TAIL_MODES)}", ",".join(self.tails))
-        _check("topk_loss", self.topk_loss in LOSS_NAMES, f"one of {', '.join(LOSS_NAMES)}", self.topk_loss)
-        for key, values in (("temperature", self.temperatures), ("topk_temperature", self.topk_temperatures)):
-            _check(key, bool(values) and all(t >= 0 for t in values), "numbers >= 0", ",".join(map(str, values)))
-        unknown = [name for name in self.bench if not is_benchmark(name)]
-        _check("bench", bool(self.bench) and not unknown,
-               f"benchmarks from {', '.join(BENCHMARKS)} or .jsonl prompt files", ",".join(self.bench))
-        _check("lr", self.lr > 0, "a number > 0", self.lr)
-        _check("heldout_fraction", 0 < self.heldout_fraction <= 0.5, "a number in (0, 0.5]", self.heldout_fraction)
-        labels = [drafter_label(d) for d in self.drafters]
-        _check("drafter", bool(self.drafters) and all(labels) and len(set(labels)) == len(labels),
-               "distinct drafters (names as `lkspec train --drafter` takes them)", ",".join(self.drafters))
+        """Raise ConfigError naming the setting of the first bad value, then run every stage's own checks."""
+        super().validate()
+        if REFERENCE_LOSS not in self.losses or len(self.losses) < 2:
+            raise ConfigError(f"must be distinct losses from {', '.join(LOSS_NAMES)}, including the reference "
+                              f"{REFERENCE_LOSS} and at least one other, got {','.join(self.losses)!r}", key="loss")
         # Each stage's own validation, on the values it will receive (paths are placeholders).
         try:
-            self.build_config(self.k).validate()
+            self.build_config(self.k, features=self.features()).validate()
             for drafter in self.drafters:
                 self.train_config(drafter, "<cache>", self.k, REFERENCE_LOSS, self.seeds[0],
                                   REPRODUCTION_TAIL).validate()
-            self.bench_config(["<drafter>"], self.temperatures, "bench").validate()
-        except ValueError as exc:
-            raise StudyConfigError(str(exc)) from exc
+            self.bench_config(["<drafter>"], self.temperatures, "bench", dtype=self.bench_dtype()).validate()
+        except ConfigError:
+            raise
+        except ValueError as exc:  # e.g. a drafter family the registry does not know
+            raise ConfigError(str(exc)) from exc
 
     def features(self) -> tuple[str, ...]:
         """The cache feature columns the studied drafter families read (from the drafter registry)."""
@@ -133,41 +96,22 @@ class StudyConfig:
 
         return tuple(dict.fromkeys(column for drafter in self.drafters for column in family_for(drafter).columns))
 
-    # ---- the stage configs this study hands to the existing commands' functions
-    def build_config(self, k: int):
-        """The cache build for top-k `k`."""
-        from pipeline.build import BuildConfig
-
-        return BuildConfig(target=self.target, data=self.data, out=Path(self.out) / "caches", k=k,
-                           limit=self.conversations, max_length=self.max_length, workers=self.workers,
-                           dtype=self.dtype, address=self.address, progress=self.progress,
-                           skip_invalid=True, shard_size=16, features=self.features())
-
     def train_config(self, drafter: str, cache: str, k: int, loss: str, seed: int, tail: str, *,
                      online: bool = False):
         """One run of `drafter` from the top-k `cache` (its token ids only when online), named by what it computes."""
-        from trainer.config import TrainConfig
-
         what = "online" if online else f"k{k}-{tail}"
-        return TrainConfig(
-            cache=cache, out=str(Path(self.out) / "runs"), loss=loss, drafter=drafter,
-            init_embeddings_from="target", run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}",
-            steps=self.steps, workers=self.workers, zero=2, dtype=self.dtype, lr=self.lr, warmup=self.warmup,
-            batch_tokens=self.batch_tokens, tail=tail, seed=seed, target_source="online" if online else "cache",
-            heldout_fraction=self.heldout_fraction, eval_sequences=self.eval_sequences, eval_every=0,
-            checkpoint_every=self.steps, resume=True,
-        )
+        return self.run_config(
+            drafter, cache=cache, loss=loss, init_embeddings_from="target",
+            run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}", warmup=self.warmup, tail=tail, seed=seed,
+            target_source="online" if online else "cache", heldout_fraction=self.heldout_fraction,
+            eval_sequences=self.eval_sequences, eval_every=0)
 
-    def bench_config(self, drafters: list[str], temperatures: tuple[float, ...], name: str):
-        """One benchmark over `drafters` at `temperatures`, written to OUT/<name>/."""
-        from pipeline.bench_job import BENCH_DEVICE, BenchConfig
+    def bench_dtype(self) -> str:
+        """The benchmark's precision: --dtype resolved for the benchmark's device, as its report records it."""
+        from pipeline.bench_job import BENCH_DEVICE
         from trainer.precision import resolve_dtype
 
-        return BenchConfig(target=self.target, drafters=drafters, benchmarks=list(self.bench),
-                           limit=self.bench_limit, temperatures=list(temperatures), k=self.draft_k,
-                           max_new_tokens=self.max_new_tokens, workers=self.workers, seed=0,
-                           dtype=resolve_dtype(self.dtype, BENCH_DEVICE, warn=False),  # as its report records it
-                           out=Path(self.out) / name, address=self.address, progress=self.progress)
+        return resolve_dtype(self.dtype, BENCH_DEVICE, warn=False)
 
     def to_dict(self) -> dict:
         """The resolved config as JSON data."""
@@ -175,11 +119,6 @@ class StudyConfig:
         data["out"] = str(self.out)
         data.pop("timings")
         return data
-
-
-def _check(key: str, ok: bool, expected: str, value) -> None:
-    if not ok:
-        raise StudyConfigError(f"--{key.replace('_', '-')} must be {expected}, got {value!r}")
 
 
 def drafter_label(drafter: str) -> str:
@@ -277,7 +216,7 @@ def _build(config: StudyConfig, k: int) -> str:
     from pipeline.build import run_build
 
     started = time.time()
-    outcome = run_build(config.build_config(k))
+    outcome = run_build(config.build_config(k, features=config.features()))
     _say(f"k={k}: {'reused' if outcome.reused else 'built'} cache {outcome.key}"
          + (" (same key: the target pass was not rerun)" if outcome.reused else ""))
     config.timings[f"cache k={k}"] = time.time() - started
@@ -296,7 +235,8 @@ def _train_and_bench(config: StudyConfig, runs: list, temperatures: tuple[float,
     run_dirs = train_sweep(runs, progress=config.progress)
     config.timings[f"{part} train"] = time.time() - started
 
-    bench = config.bench_config([str(path) for path in run_dirs], temperatures, f"bench-{part}")
+    bench = config.bench_config([str(path) for path in run_dirs], temperatures, f"bench-{part}",
+                                dtype=config.bench_dtype())
     _stage(number + 1, stages, f"{part}: speculative decoding",
            f"{len(run_dirs)} drafters on {', '.join(config.bench)} x {config.bench_limit} prompts, "
            f"T={', '.join(f'{t:g}' for t in temperatures)}, K={config.draft_k}, {config.max_new_tokens} new tokens")
