@@ -48,7 +48,8 @@ class TrainConfig:
     drafter_config: dict[str, Any] = setting(
         {}, group=WHAT, metavar="K=V,...", parse=_arch_overrides, expected="a mapping like layers=2,hidden=256",
         help="override preset fields: layers, hidden, heads, kv_heads, intermediate, max_positions, rope_theta, "
-        "tie_embeddings (e.g. layers=4,hidden=384,heads=6); not for eagle3, medusa or mlp, whose options follow `NAME:`")
+        "tie_embeddings (e.g. layers=4,hidden=384,heads=6); not for eagle3, medusa or mlp, whose options follow "
+        "`NAME:`")
     init_embeddings_from: str | None = setting(
         None, group=WHAT, choices=("target",),
         help="copy the target's token embeddings into the drafter (its width becomes the target's)")
@@ -99,8 +100,9 @@ class TrainConfig:
     prefetch_batches: int = setting(4, cli=False, ge=1, help="batches read ahead of the step")
     resume: bool = setting(False, group=EVALUATION,
                            help="continue the run(s) from their latest checkpoint (same settings, exact continuation)")
-    stop_after: int | None = setting(None, group=EVALUATION, ge=1, metavar="STEP",
-                                     help="checkpoint and stop this invocation after STEP (continue later with --resume)")
+    stop_after: int | None = setting(
+        None, group=EVALUATION, ge=1, metavar="STEP",
+        help="checkpoint and stop this invocation after STEP (continue later with --resume)")
 
     def __post_init__(self):
         from trainer.drafters import family_for

@@ -370,8 +370,8 @@ def _shown(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def from_args(cls: type, args: argparse.Namespace, *, preset: dict | None = None, **values: Any) -> Any:
-    """The validated `cls` the parsed flags describe: `preset` under the flags that were given, `values` over all."""
+def from_args(cls: type, args: argparse.Namespace, *, preset: dict | None = None) -> Any:
+    """The validated `cls` the parsed flags describe, over `preset` (if any) where a flag was not given."""
     given = {}
     for item in declared(cls):
         if not item.setting.cli:
@@ -381,6 +381,6 @@ def from_args(cls: type, args: argparse.Namespace, *, preset: dict | None = None
             value = not value
         if value is not None or preset is None:
             given[item.name] = value
-    config = cls(**{**(preset or {}), **given, **values})
+    config = cls(**{**(preset or {}), **given})
     config.validate()
     return config

@@ -106,7 +106,8 @@ def test_demo_yaml_spells_out_the_demo_preset_of_the_shared_stage_config():
             if line and not line.startswith("#")}
     assert keys | {"address"} == {item.dest.replace("_", "-") for item in declared(DemoConfig) if item.setting.cli}
     demo, shared = DemoConfig(), StageConfig()
-    assert all(getattr(args, item.dest) == getattr(demo, item.name) for item in declared(DemoConfig) if item.setting.cli)
+    assert all(getattr(args, item.dest) == getattr(demo, item.name)
+               for item in declared(DemoConfig) if item.setting.cli)
     preset = {f.name for f in fields(StageConfig) if getattr(demo, f.name) != getattr(shared, f.name)}
     assert preset == {"out", "conversations", "losses", "steps", "batch_tokens", "lr", "bench_limit", "draft_k",
                       "max_new_tokens"}  # the sizes; models, data and the rest are the study's
