@@ -38,14 +38,19 @@ def register(subparsers) -> None:
                       "eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys hidden, heads, "
                       "kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta), "
                       "medusa[:heads=6,layers=1,draft_vocab=N] (MEDUSA-1 heads over the cache's last feature) or "
-                      "mlp[:stages=6,inner=D,tie=false,scale_input=false] (an MLP speculator over the cache's "
-                      "last feature) (default: tiny)")
+                      "mlp[:stages=6,inner=D,tie=false,scale_input=false,draft_vocab=N] (an MLP speculator over the "
+                      "cache's last feature; with draft_vocab its model/ loads in lkspec only: vLLM's MLPSpeculator "
+                      "has no token map) (default: tiny)")
     data.add_argument("--drafter-config", default="", metavar="K=V,...",
                       help="override preset fields: layers, hidden, heads, kv_heads, intermediate, "
                       "max_positions, rope_theta, tie_embeddings (e.g. layers=4,hidden=384,heads=6); "
                       "not for eagle3, medusa or mlp, whose options follow `NAME:`")
     data.add_argument("--init-embeddings-from", choices=["target"], default=None,
-                      help="copy the target's token embeddings into the drafter (its width becomes the target's)")
+                      help="copy the target's token embeddings into an independent drafter (its width becomes "
+                      "the target's); eagle3 takes the target's embeddings whenever its width is the target's (this "
+                      "flag makes another hidden= an error), "
+                      "medusa always copies the target's LM head, mlp takes nothing from the target (the flag is "
+                      "ignored with a warning)")
     data.add_argument("--loss", default="kl", metavar="LOSS[,LOSS...]",
                       help="kl, tv, lk_alpha, lk_lambda (or lk-alpha, lk-lambda); several = a sweep (default: kl)")
     data.add_argument("--out", required=True, metavar="RUNS", help="runs directory")

@@ -147,11 +147,13 @@ class StudyConfig:
                      online: bool = False):
         """One run of `drafter` from the top-k `cache` (its token ids only when online), named by what it computes."""
         from trainer.config import TrainConfig
+        from trainer.drafters import family_for
 
         what = "online" if online else f"k{k}-{tail}"
         return TrainConfig(
             cache=cache, out=str(Path(self.out) / "runs"), loss=loss, drafter=drafter,
-            init_embeddings_from="target", run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}",
+            init_embeddings_from="target" if family_for(drafter).init_embeddings else None,  # mlp takes nothing from the target
+            run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}",
             steps=self.steps, workers=self.workers, zero=2, dtype=self.dtype, lr=self.lr, warmup=self.warmup,
             batch_tokens=self.batch_tokens, tail=tail, seed=seed, target_source="online" if online else "cache",
             heldout_fraction=self.heldout_fraction, eval_sequences=self.eval_sequences, eval_every=0,

@@ -294,6 +294,13 @@ def test_shipped_medusa_study_config_is_valid_and_studies_medusa():
     assert list(config.losses) == ["kl", "lk_alpha", "lk_lambda"] and len(config.seeds) == 3
     assert config.part == "reproduction" and config.draft_k == 6
 
+
+def test_init_embeddings_from_target_goes_only_to_families_that_take_something_from_the_target():
+    study = StudyConfig()
+    flags = {drafter: study.train_config(drafter, "cache", 8, "kl", 0, "bucket").init_embeddings_from
+             for drafter in ("tiny", "eagle3", "medusa", "mlp:stages=2")}
+    assert flags == {"tiny": "target", "eagle3": "target", "medusa": "target", "mlp:stages=2": None}
+
 # ------------------------------------------------------------------------------ end to end (slow)
 def _write_conversations(path: Path, count: int) -> Path:
     rng = np.random.default_rng(0)
