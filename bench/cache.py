@@ -45,8 +45,8 @@ NAIVE_BYTES_PER_ENTRY = 6  # int32 id + fp16 log-prob
 
 def select_conversations(count: int, max_length: int, tokenizer):
     """The first `count` usable ShareGPT conversations (invalid rows skipped), tokenized and truncated."""
-    from pipeline.chat import tokenize_conversation
-    from pipeline.data import InvalidSampleError, open_dataset
+    from pipeline.resolve.chat import tokenize_conversation
+    from pipeline.resolve.datasets import InvalidSampleError, open_dataset
     from pipeline.target_worker import Sample
 
     conversations, samples = [], []
@@ -143,7 +143,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.models import load_model, resolve_model
+    from pipeline.resolve.models import load_model, resolve_model
 
     precision = precision_from_args(parser, args, "cpu")
     dtype = precision["dtype"]

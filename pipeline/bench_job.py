@@ -51,7 +51,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Reject bad values with a message naming the setting."""
-        from eval.prompts import BENCHMARKS, is_benchmark
+        from pipeline.resolve.prompts import BENCHMARKS, is_benchmark
 
         if self.k < 1:
             raise BenchConfigError(f"k must be >= 1 (drafted tokens per step), got {self.k}")
@@ -97,7 +97,7 @@ class Drafter:
 
 def resolve_drafter(spec: str) -> Drafter:
     """A training run directory (run.json + model/), an export of any drafter family, a HF directory, or a model alias."""
-    from pipeline.models import EMBEDDED_MODELS, resolve_model
+    from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model
 
     path = Path(spec).expanduser()
     if (path / "run.json").is_file():
@@ -125,9 +125,9 @@ def _drafter_kind(model_dir: Path) -> str:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run the benchmark and write the report into config.out; returns that directory."""
-    from eval.prompts import PromptSetError
+    from pipeline.resolve.prompts import PromptSetError
     from eval.report import summarize, write_report
-    from pipeline.models import ModelNotFoundError, resolve_model
+    from pipeline.resolve.models import ModelNotFoundError, resolve_model
 
     config.validate()
     config = replace(config, dtype=resolve_dtype(config.dtype, BENCH_DEVICE))  # the report records fp32 or bf16
@@ -217,7 +217,7 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
     target's); when it has none, its vocabulary size is checked against the target's instead
     (`_check_drafter_targets`).
     """
-    from pipeline.models import tokenizer_fingerprint
+    from pipeline.resolve.models import tokenizer_fingerprint
 
     target_tokenizer = _load_tokenizer(target_path, "target")
     target_sha = tokenizer_fingerprint(target_tokenizer)
@@ -282,7 +282,7 @@ def _load_tokenizer(path: Path, what: str):
 
 def _prompt_items(config: BenchConfig, tokenizer) -> list[dict]:
     """Every benchmark prompt rendered with the target's chat template, as token ids."""
-    from eval.prompts import benchmark_name, load_prompts
+    from pipeline.resolve.prompts import benchmark_name, load_prompts
 
     items = []
     for bench in config.benchmarks:
@@ -370,7 +370,7 @@ class BenchWorker:
         import torch
 
         from eval import load_drafter
-        from pipeline.models import load_model
+        from pipeline.resolve.models import load_model
         from pipeline.target_worker import load_placed_model
 
         torch.set_num_threads(threads)

@@ -150,9 +150,9 @@ def _run_with_user_errors(config):
     """run_build with every expected failure turned into a one-line CliError."""
     from cache import CacheError
     from pipeline.build import ConfigError, run_build
-    from pipeline.chat import ChatTemplateError
-    from pipeline.data import DataError
-    from pipeline.models import ModelNotFoundError
+    from pipeline.resolve.chat import ChatTemplateError
+    from pipeline.resolve.datasets import DataError
+    from pipeline.resolve.models import ModelNotFoundError
     from pipeline.target_worker import BuildError
 
     try:

@@ -143,7 +143,7 @@ def configs_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Plan every run (all checks first), train them, print where they are."""
     from cache import CacheError
-    from pipeline.models import ModelNotFoundError
+    from pipeline.resolve.models import ModelNotFoundError
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.drafters import DrafterError

@@ -246,7 +246,7 @@ def evenly_spaced(count: int, size: int) -> list[int]:
 def count_tokens(conversations: list, tokenizer, *, max_length: int, sample: int, tokenizer_name: str = "",
                  skipped: dict | None = None) -> TokenCounts:
     """Tokenize every conversation (or an evenly spaced sample of `sample`) and extrapolate the sums."""
-    from pipeline.chat import ChatTemplateError, tokenize_conversation
+    from pipeline.resolve.chat import ChatTemplateError, tokenize_conversation
 
     chosen = evenly_spaced(len(conversations), sample)
     lengths, positions = [], []
@@ -281,7 +281,7 @@ def count_tokens(conversations: list, tokenizer, *, max_length: int, sample: int
 
 def read_conversations(dataset, limit: int | None) -> tuple[list, dict]:
     """The dataset's valid conversations in order (first `limit`), and invalid rows by reason."""
-    from pipeline.data import InvalidSampleError
+    from pipeline.resolve.datasets import InvalidSampleError
 
     conversations, skipped = [], {}
     for item in dataset.conversations():

@@ -339,7 +339,7 @@ def load_placed_model(path, *, dtype: str, max_memory: dict, offload_folder: str
 
 def load_target(spec: WorkerSpec):
     """The worker's model: on one device, or split over `spec.gpus` GPUs."""
-    from pipeline.models import load_model
+    from pipeline.resolve.models import load_model
 
     if spec.device == "cuda" and spec.gpus > 1:
         return load_placed_model(spec.model_path, dtype=spec.dtype,
@@ -417,7 +417,7 @@ class TargetWorker:
         return records
 
     def _regenerate(self, samples: list[Sample]) -> tuple[list[Sample], dict]:
-        from pipeline.chat import tokenize_conversation
+        from pipeline.resolve.chat import tokenize_conversation
 
         result, skipped = [], {}
         for sample in samples:

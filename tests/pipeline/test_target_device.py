@@ -98,7 +98,7 @@ def test_cpu_worker_commits_the_same_topk_as_an_independent_forward(tiny_model_d
 
 
 def test_target_topk_returns_cpu_arrays_with_features(tiny_model_dir):
-    from pipeline.models import load_model
+    from pipeline.resolve.models import load_model
 
     model = load_model(tiny_model_dir, dtype="fp32", device="cpu")
     batch = samples(2)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_model
+from pipeline.resolve.models import load_model
 from pipeline.target_worker import (NonFiniteLogitsError, Sample, bare_forward, launch_topk, layer_inputs,
                                     load_placed_model, target_topk, topk_logprobs)
 

