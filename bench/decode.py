@@ -67,7 +67,7 @@ def build_eagle3_drafter(target_path: Path, draft_vocab: int = 32000) -> Path:
     the `draft_vocab` lowest ids (for decode speed only: it accepts nothing)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.target_worker import aux_layers
+    from pipeline.target_pass import aux_layers
     from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
     from trainer.drafters.eagle3.export import save_eagle3
 

@@ -109,7 +109,7 @@ def measure(args) -> dict:
     from cache.shard import core_columns, encode_core, encode_feature
     from pipeline.resolve.chat import tokenize_conversation
     from pipeline.resolve.models import load_model, resolve_model
-    from pipeline.target_worker import Sample, aux_layers, plan_batches, target_topk
+    from pipeline.target_pass import Sample, aux_layers, plan_batches, target_topk
 
     torch.set_num_threads(os.cpu_count() or 1)
     target = resolve_model("smollm2-135m")

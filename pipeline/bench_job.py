@@ -346,7 +346,7 @@ def _target_gpus(config: BenchConfig, target_path: Path, items: list[dict]) -> t
     import ray
 
     from pipeline.build import place_target_on_gpus
-    from pipeline.target_worker import BuildError
+    from pipeline.target_pass import BuildError
 
     if ray.cluster_resources().get("GPU", 0) < 1 or config.gpus_per_worker == 0:
         if config.gpus_per_worker not in ("auto", 0):
@@ -371,7 +371,7 @@ class BenchWorker:
 
         from eval import load_drafter
         from pipeline.resolve.models import load_model
-        from pipeline.target_worker import load_placed_model
+        from pipeline.target_pass import load_placed_model
 
         torch.set_num_threads(threads)
         if gpus > 1:  # split over the actor's GPUs; the drafters go to the first

@@ -21,8 +21,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.ray_session import ray_session  # noqa: E402
-from pipeline.target_worker import (SHARDS_IN_FLIGHT, BuildError, Sample, ShardTask, WorkerSpec,  # noqa: E402
-                                    aux_layers)
+from pipeline.target_pass import BuildError, Sample, aux_layers  # noqa: E402
+from pipeline.target_worker import SHARDS_IN_FLIGHT, ShardTask, WorkerSpec  # noqa: E402
 from trainer.precision import DTYPE_CHOICES, resolve_dtype  # noqa: E402
 
 STATS_NAME = "stats.json"

@@ -153,7 +153,7 @@ def _run_with_user_errors(config):
     from pipeline.resolve.chat import ChatTemplateError
     from pipeline.resolve.datasets import DataError
     from pipeline.resolve.models import ModelNotFoundError
-    from pipeline.target_worker import BuildError
+    from pipeline.target_pass import BuildError
 
     try:
         return run_build(config, log=lambda message: print(message, flush=True))

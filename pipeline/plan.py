@@ -41,7 +41,7 @@ FEATURE_RATIO = {"last": 0.692, "aux": 0.704}
 # ----------------------------------------------------------------------------- placement constants
 GPU_RESERVED_BYTES = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator slack, per GPU
 GPU_RESERVED_FRACTION = 0.05  # of each GPU's memory, on top: fragmentation
-LOGITS_CHUNK = 1024  # rows per lm_head chunk in the worker (pipeline.target_worker.LOGITS_CHUNK)
+LOGITS_CHUNK = 1024  # rows per lm_head chunk in the worker (pipeline.target_pass.LOGITS_CHUNK)
 DEFAULT_GPU_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 DEFAULT_UTILIZATION = 0.4
 

@@ -54,7 +54,7 @@ def save_random_eagle3(target_dir: Path, out: Path, *, target_hidden_size: int |
     import torch
     from transformers import AutoConfig
 
-    from pipeline.target_worker import aux_layers
+    from pipeline.target_pass import aux_layers
     from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
     from trainer.drafters.eagle3.export import save_eagle3
 

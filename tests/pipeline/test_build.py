@@ -17,7 +17,7 @@ import pytest
 
 from cache import CacheIncompleteError, load_manifest, open_cache
 from pipeline.build import BuildConfig, run_build
-from pipeline.target_worker import BuildError
+from pipeline.target_pass import BuildError
 
 pytestmark = pytest.mark.slow
 
@@ -246,7 +246,7 @@ def test_regenerate_stores_the_targets_own_replies_deterministically(ray_address
     from pipeline.resolve.chat import tokenize_conversation
     from pipeline.resolve.datasets import read_conversations
     from pipeline.resolve.models import load_model
-    from pipeline.target_worker import regenerate
+    from pipeline.target_pass import regenerate
 
     data = write_conversations(tmp_path / "prompts.jsonl", 3, seed=2, reply_words=(5, 10))
     config = tiny_config(tiny_llama_dir, data, tmp_path / "caches", regenerate=True, max_new_tokens=12, seed=7,

@@ -11,7 +11,7 @@ import pytest
 from pipeline.build import BuildConfig, ConfigError, parse_features, plan_samples
 from pipeline.resolve.chat import chat_template_sha256, tokenize_conversation
 from pipeline.resolve.datasets import DataError, InvalidSampleError, open_dataset, read_conversations
-from pipeline.target_worker import plan_batches, sample_seed
+from pipeline.target_pass import plan_batches, sample_seed
 
 CHAT = [
     {"role": "user", "content": "Hi there"},

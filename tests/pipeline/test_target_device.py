@@ -10,7 +10,8 @@ import torch
 from cache import content_key, create_manifest, open_cache
 from pipeline.build import BuildConfig, ConfigError, worker_device
 from pipeline.cli import main
-from pipeline.target_worker import BuildError, Sample, ShardTask, TargetWorker, WorkerSpec, target_topk
+from pipeline.target_pass import BuildError, Sample, target_topk
+from pipeline.target_worker import ShardTask, TargetWorker, WorkerSpec
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 VOCAB, K = 97, 5
