@@ -7,6 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
+from pipeline.cli_error import CliError
+
 # Each module defines `register(subparsers)`, which adds its sub-command(s) and sets
 # `func(args) -> int` on the parser. Heavy imports (torch, ray) stay inside those functions
 # so that `lkspec --help` answers instantly.
@@ -19,10 +21,6 @@ COMMAND_MODULES = (
     "pipeline.cli_study",
     "pipeline.cli_plan",
 )
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 DEFAULT_TOKENIZER = "smollm2-135m"  # embedded: always available without a download
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

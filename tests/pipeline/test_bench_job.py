@@ -11,7 +11,7 @@ import pytest
 from pipeline.resolve.prompts import BENCHMARKS
 from pipeline import bench_job
 from pipeline.bench_job import BenchConfig, BenchConfigError, run_bench
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 
 @pytest.fixture
