@@ -86,7 +86,7 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
-class Drafter:
+class BenchedDrafter:
     """A drafter to benchmark: display name, model directory, kind and its training run record."""
 
     name: str
@@ -95,7 +95,7 @@ class Drafter:
     kind: str = "independent"  # its family (trainer.drafters): independent, eagle3, medusa or mlp
 
 
-def resolve_drafter(spec: str) -> Drafter:
+def resolve_drafter(spec: str) -> BenchedDrafter:
     """A training run directory (run.json + model/), an export of any drafter family, a HF directory, or a model alias."""
     from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model
 
@@ -104,12 +104,12 @@ def resolve_drafter(spec: str) -> Drafter:
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
             raise BenchConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
-        return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
+        return BenchedDrafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
                        _drafter_kind(model_dir))
     if (path / "config.json").is_file():
-        return Drafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
+        return BenchedDrafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
     if spec in EMBEDDED_MODELS:
-        return Drafter(spec, resolve_model(spec).path)
+        return BenchedDrafter(spec, resolve_model(spec).path)
     raise BenchConfigError(
         f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3, "
         "MEDUSA or MLP speculator export (config.json + model.safetensors) or a Hugging Face directory with "
@@ -174,7 +174,7 @@ def run_bench(config: BenchConfig) -> Path:
     return out
 
 
-def _settings_sha256(config: BenchConfig, target, drafters: list[Drafter], items: list[dict]) -> str:
+def _settings_sha256(config: BenchConfig, target, drafters: list[BenchedDrafter], items: list[dict]) -> str:
     """What a report depends on: its settings, the target's identity, each drafter's files, the prompts."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("out", "address", "progress")}
     stamps = [{"name": d.name, "kind": d.kind, "path": str(d.path),
@@ -198,19 +198,19 @@ def _is_finished(out: Path, settings: str) -> bool:
 
 # --- driver-side preparation ------------------------------------------------------------------
 
-def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
+def _unique_names(drafters: list[BenchedDrafter]) -> list[BenchedDrafter]:
     seen: dict[str, int] = {}
     unique = []
     for drafter in drafters:
         seen[drafter.name] = seen.get(drafter.name, 0) + 1
         name = drafter.name if seen[drafter.name] == 1 else f"{drafter.name}-{seen[drafter.name]}"
-        unique.append(Drafter(name, drafter.path, drafter.run, drafter.kind))
+        unique.append(BenchedDrafter(name, drafter.path, drafter.run, drafter.kind))
     if any(d.name == BASELINE for d in unique):
         raise BenchConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
     return unique
 
 
-def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
+def _check_tokenizers(target_path: Path, drafters: list[BenchedDrafter]):
     """The target's tokenizer, after checking that every drafter's tokenizer is the same.
 
     An EAGLE-3, MEDUSA or MLP speculator export need not ship tokenizer files (vLLM and SGLang use the
@@ -233,7 +233,7 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
     return target_tokenizer
 
 
-def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
+def _check_drafter_targets(target_path: Path, drafters: list[BenchedDrafter]) -> None:
     """Refuse a drafter whose target hidden size, vocabulary or layers do not fit the target (from its config)."""
     from transformers import AutoConfig
 
@@ -252,7 +252,7 @@ def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
             raise BenchConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
 
 
-def _check_vocab_sizes(target_path: Path, drafters: list[Drafter]) -> None:
+def _check_vocab_sizes(target_path: Path, drafters: list[BenchedDrafter]) -> None:
     """Refuse an independent drafter whose vocabulary is smaller than the target's (it cannot read every token)."""
     from transformers import AutoConfig
 
@@ -306,7 +306,7 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 
 # --- Ray --------------------------------------------------------------------------------------
 
-def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafter], items: list[dict]):
+def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[BenchedDrafter], items: list[dict]):
     """Shard prompts over `workers` actors (one prompt per call) and gather every record."""
     import ray
     from ray.util import ActorPool
