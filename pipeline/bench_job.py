@@ -104,8 +104,8 @@ def resolve_drafter(spec: str) -> BenchedDrafter:
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
             raise BenchConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
-        return BenchedDrafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
-                       _drafter_kind(model_dir))
+        return BenchedDrafter(path.resolve().name, model_dir.resolve(),
+                              json.loads((path / "run.json").read_text()), _drafter_kind(model_dir))
     if (path / "config.json").is_file():
         return BenchedDrafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
     if spec in EMBEDDED_MODELS:
