@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 
@@ -150,10 +150,10 @@ def _run_with_user_errors(config):
     """run_build with every expected failure turned into a one-line CliError."""
     from cache import CacheError
     from pipeline.build import ConfigError, run_build
-    from pipeline.chat import ChatTemplateError
-    from pipeline.data import DataError
-    from pipeline.models import ModelNotFoundError
-    from pipeline.target_worker import BuildError
+    from pipeline.resolve.chat import ChatTemplateError
+    from pipeline.resolve.datasets import DataError
+    from pipeline.resolve.models import ModelNotFoundError
+    from pipeline.target_pass import BuildError
 
     try:
         return run_build(config, log=lambda message: print(message, flush=True))

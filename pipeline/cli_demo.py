@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 DEFAULT_PROFILE = "smollm2"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES
 
 EXAMPLE = (
@@ -148,7 +148,7 @@ def configs_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Plan every run (all checks first), train them, print where they are."""
     from cache import CacheError
-    from pipeline.models import ModelNotFoundError
+    from pipeline.resolve.models import ModelNotFoundError
     from trainer.config import ConfigError
     from trainer.data import DataError
     from trainer.drafters import DrafterError

@@ -81,7 +81,7 @@ class StudyConfig:
 
     def validate(self) -> None:
         """Raise StudyConfigError naming the flag of the first bad value, then run every stage's own checks."""
-        from eval.prompts import BENCHMARKS, is_benchmark
+        from pipeline.resolve.prompts import BENCHMARKS, is_benchmark
         from trainer.losses import LOSS_NAMES, TAIL_MODES
 
         _check("part", self.part in PARTS, f"one of {', '.join(PARTS)}", self.part)
