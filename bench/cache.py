@@ -6,7 +6,7 @@ Figures (DESIGN.md §10):
   * bytes per top-k entry and per trained position at k in {8, 32, 64, 128} (goal <= 2.5 B/entry at
     k=64; naive int32 id + fp16 log-prob = 6 B/entry), from the model's exact top-128 sliced to k;
   * build throughput / bare target forward throughput on the same model, dtype and batches (goal
-    >= 0.90): per batch, interleaved, the bare forward (`pipeline.target_worker.bare_forward`: the
+    >= 0.90): per batch, interleaved, the bare forward (`pipeline.target_pass.bare_forward`: the
     backbone and the LM head at the trained positions only, the honest limit) against the worker's
     full job (that, plus top-k and log-sum-exp in fp32, copies to the host, shard encode + commit);
     then the real Ray build (`pipeline.build`, one worker with every core) against the same bare rate;
@@ -45,9 +45,9 @@ NAIVE_BYTES_PER_ENTRY = 6  # int32 id + fp16 log-prob
 
 def select_conversations(count: int, max_length: int, tokenizer):
     """The first `count` usable ShareGPT conversations (invalid rows skipped), tokenized and truncated."""
-    from pipeline.chat import tokenize_conversation
-    from pipeline.data import InvalidSampleError, open_dataset
-    from pipeline.target_worker import Sample
+    from pipeline.resolve.chat import tokenize_conversation
+    from pipeline.resolve.datasets import InvalidSampleError, open_dataset
+    from pipeline.target_pass import Sample
 
     conversations, samples = [], []
     for item in open_dataset("sharegpt").conversations():
@@ -66,7 +66,7 @@ def select_conversations(count: int, max_length: int, tokenizer):
 def build_vs_bare(model, shards, k: int, vocab_size: int, token_budget: int) -> dict:
     """Interleaved per batch: bare forward (LM head at trained positions) vs the worker's job; plus encode + commit."""
     from cache import CacheWriter, SequenceRecord
-    from pipeline.target_worker import bare_forward, plan_batches, target_topk
+    from pipeline.target_pass import bare_forward, plan_batches, target_topk
 
     bare_s = topk_s = write_s = 0.0
     tokens = 0
@@ -115,7 +115,7 @@ def sizes_by_k(model, shards, vocab_size: int, token_budget: int) -> tuple[list[
     """Exact top-128 records sliced to each k, written as a cache: bytes, decode speed, tail mass."""
     from bench.cache_codec import measure  # one size/decode measurement for synthetic and real records
     from cache import SequenceRecord
-    from pipeline.target_worker import plan_batches, target_topk
+    from pipeline.target_pass import plan_batches, target_topk
 
     records = []
     for shard in shards:
@@ -143,7 +143,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.models import load_model, resolve_model
+    from pipeline.resolve.models import load_model, resolve_model
 
     precision = precision_from_args(parser, args, "cpu")
     dtype = precision["dtype"]

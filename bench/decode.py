@@ -25,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from eval.prompts import load_prompts  # noqa: E402
+from pipeline.resolve.prompts import load_prompts  # noqa: E402
 from eval.speculative import speculative_generate  # noqa: E402
 from eval import load_drafter  # noqa: E402
 from trainer.drafters import family_of_model  # noqa: E402
 from pipeline.bench_job import encode_chat  # noqa: E402
-from pipeline.models import lkspec_home, load_model, resolve_model  # noqa: E402
+from pipeline.resolve.home import lkspec_home  # noqa: E402
+from pipeline.resolve.models import load_model, resolve_model  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def build_eagle3_drafter(target_path: Path, draft_vocab: int = 32000) -> Path:
     the `draft_vocab` lowest ids (for decode speed only: it accepts nothing)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.target_worker import aux_layers
+    from pipeline.target_pass import aux_layers
     from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
     from trainer.drafters.eagle3.export import save_eagle3
 
@@ -126,7 +127,7 @@ def main() -> None:
                         help="HF dir or EAGLE-3 export, `self` (the target drafts for itself: every draft "
                         "accepted) or `eagle3` (an untrained EAGLE-3 drafter for the target); "
                         "default: a 2-layer drafter built from the target's weights")
-    parser.add_argument("--bench", default="mt-bench", help="prompt set (eval.prompts name or .jsonl)")
+    parser.add_argument("--bench", default="mt-bench", help="prompt set (pipeline.resolve.prompts name or .jsonl)")
     parser.add_argument("--prompts", type=int, default=8, help="evenly spaced prompts from the set")
     parser.add_argument("--k", type=int, default=7)
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -12,7 +12,7 @@ part's "worker" column) and LK^λ step ÷ KL step <= 1.05 (the train part).
 Every part runs in --dtype (default auto: bf16 on a GPU with bf16; on a CPU bf16 only with AVX-512
 BF16 or AMX, and an emulated bf16 is refused unless --allow-emulated-bf16).
 
-1. build: the honest reference is `target_worker.bare_forward` (backbone + LM head at the trained
+1. build: the honest reference is `target_pass.bare_forward` (backbone + LM head at the trained
    positions only). Against it, on the same batch: `target_topk` (top-k minus log-sum-exp, results
    copied to the host), with and without EAGLE-3 aux features; and the worker path as its Ray
    actor runs it: `TargetWorker.run_shard` over several shards, two in flight (one on the GPU, one
@@ -131,7 +131,7 @@ def reset_peak(device: str) -> None:
 # ----------------------------------------------------------------------------- 1. cache build
 def random_samples(count: int, length: int, vocab: int, seed: int, prefix: str) -> list:
     """Random token sequences; every position after the first eighth is trained on."""
-    from pipeline.target_worker import Sample
+    from pipeline.target_pass import Sample
 
     rng = np.random.default_rng(seed)
     samples = []
@@ -144,8 +144,8 @@ def random_samples(count: int, length: int, vocab: int, seed: int, prefix: str) 
 def check_build(name: str, shape: tuple, args, workdir: Path) -> dict:
     """Worker-path shards + read-back check + build ÷ bare-forward throughput on one batch."""
     from cache import CacheWriter, content_key, create_manifest, open_cache
-    from pipeline.target_worker import (SHARDS_IN_FLIGHT, ShardTask, TargetWorker, WorkerSpec, aux_layers,
-                                        bare_forward, target_topk)
+    from pipeline.target_pass import aux_layers, bare_forward, target_topk
+    from pipeline.target_worker import SHARDS_IN_FLIGHT, ShardTask, TargetWorker, WorkerSpec
 
     device = args.device
     layers, hidden, vocab = shape[1], shape[2], shape[6]
@@ -256,7 +256,7 @@ def check_syncs(args) -> dict:
     """CUDA host synchronizations in one build batch (launch_topk) and one KL / LK^λ loss step (torch's sync debug mode)."""
     import warnings
 
-    from pipeline.target_worker import launch_topk
+    from pipeline.target_pass import launch_topk
     from trainer.losses import SparseTarget, compute_loss
 
     if args.device != "cuda":

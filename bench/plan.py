@@ -39,7 +39,7 @@ SHARD_SIZE = 64  # sequences per shard, as `cache build` writes them
 def sharegpt_slice(start: int, count: int) -> list:
     """Valid ShareGPT conversations start..start+count-1 (invalid rows skipped, as --skip-invalid does)."""
     from pipeline.plan import read_conversations
-    from pipeline.data import open_dataset
+    from pipeline.resolve.datasets import open_dataset
 
     conversations, _ = read_conversations(open_dataset("sharegpt"), start + count)
     return conversations[start:start + count]
@@ -62,8 +62,8 @@ def validate(args) -> dict:
     from transformers import AutoTokenizer
 
     from pipeline.build import BuildConfig, run_build
-    from pipeline.data import open_dataset
-    from pipeline.models import resolve_model
+    from pipeline.resolve.datasets import open_dataset
+    from pipeline.resolve.models import resolve_model
     from pipeline.plan import cache_size, count_tokens, load_model_shape, read_conversations
     from pipeline.ray_session import ray_session
 
@@ -107,9 +107,9 @@ def measure(args) -> dict:
     from cache import SequenceRecord
     from cache.schema import CORE_ZSTD_LEVEL, ID_TABLE_COLUMN
     from cache.shard import core_columns, encode_core, encode_feature
-    from pipeline.chat import tokenize_conversation
-    from pipeline.models import load_model, resolve_model
-    from pipeline.target_worker import Sample, aux_layers, plan_batches, target_topk
+    from pipeline.resolve.chat import tokenize_conversation
+    from pipeline.resolve.models import load_model, resolve_model
+    from pipeline.target_pass import Sample, aux_layers, plan_batches, target_topk
 
     torch.set_num_threads(os.cpu_count() or 1)
     target = resolve_model("smollm2-135m")

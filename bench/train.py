@@ -47,7 +47,7 @@ def _sequences(tokenizer, count: int, max_len: int, seed: int):
     import numpy as np
 
     try:
-        from pipeline.data import read_conversations
+        from pipeline.resolve.datasets import read_conversations
 
         conversations = read_conversations("alpaca-demo")[:count]
     except Exception as exc:  # noqa: BLE001 - the dataset is optional for a throughput benchmark
@@ -84,7 +84,7 @@ def build_cache(workdir: Path, target: str, *, sequences: int, max_len: int, k: 
     from transformers import AutoTokenizer
 
     from cache import CacheWriter, SequenceRecord, content_key, create_manifest, open_cache
-    from pipeline.models import load_model, resolve_model, tokenizer_fingerprint
+    from pipeline.resolve.models import load_model, resolve_model, tokenizer_fingerprint
 
     resolved = resolve_model(target)
     identity = {"bench": "train", "target": resolved.identity, "target_path": str(resolved.path),
@@ -155,7 +155,7 @@ def target_forward_case(cache: Path, target: str, *, dtype: str, batch_tokens: i
     import torch
 
     from cache import open_cache
-    from pipeline.models import resolve_model
+    from pipeline.resolve.models import resolve_model
     from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
     from trainer.loop import TargetSource
 

@@ -14,11 +14,14 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Make `path` hold exactly `data`, or (after a crash at any point) leave its old state."""
+def atomic_write(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Make `path` hold exactly `data`, or (after a crash at any point) leave its old state.
+
+    A new file gets permissions `mode` (less the umask), as `open` would create it.
+    """
     temp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(temp, "wb") as f:
+        with open(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

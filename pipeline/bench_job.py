@@ -61,7 +61,7 @@ class BenchConfig:
 
     def validate(self) -> None:
         """Reject bad values with a message naming the setting."""
-        from eval.prompts import BENCHMARKS, is_benchmark
+        from pipeline.resolve.prompts import BENCHMARKS, is_benchmark
 
         check_settings(self)
         for name in self.benchmarks:
@@ -73,7 +73,7 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
-class Drafter:
+class BenchedDrafter:
     """A drafter to benchmark: display name, model directory, kind and its training run record."""
 
     name: str
@@ -82,21 +82,21 @@ class Drafter:
     kind: str = "independent"  # its family (trainer.drafters): independent, eagle3, medusa or mlp
 
 
-def resolve_drafter(spec: str) -> Drafter:
+def resolve_drafter(spec: str) -> BenchedDrafter:
     """A training run directory (run.json + model/), an export of any drafter family, a HF directory, or a model alias."""
-    from pipeline.models import EMBEDDED_MODELS, resolve_model
+    from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model
 
     path = Path(spec).expanduser()
     if (path / "run.json").is_file():
         model_dir = path / "model"
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"drafter run {spec!r} has run.json but no exported model in {model_dir}")
-        return Drafter(path.resolve().name, model_dir.resolve(), json.loads((path / "run.json").read_text()),
-                       _drafter_kind(model_dir))
+        return BenchedDrafter(path.resolve().name, model_dir.resolve(),
+                              json.loads((path / "run.json").read_text()), _drafter_kind(model_dir))
     if (path / "config.json").is_file():
-        return Drafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
+        return BenchedDrafter(path.resolve().name, path.resolve(), kind=_drafter_kind(path))
     if spec in EMBEDDED_MODELS:
-        return Drafter(spec, resolve_model(spec).path)
+        return BenchedDrafter(spec, resolve_model(spec).path)
     raise ConfigError(
         f"drafter {spec!r} not found: expected a training run directory (run.json + model/), an EAGLE-3, "
         "MEDUSA or MLP speculator export (config.json + model.safetensors) or a Hugging Face directory with "
@@ -112,9 +112,9 @@ def _drafter_kind(model_dir: Path) -> str:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run the benchmark and write the report into config.out; returns that directory."""
-    from eval.prompts import PromptSetError
     from eval.report import BASELINE, summarize, write_report
-    from pipeline.models import ModelNotFoundError, resolve_model
+    from pipeline.resolve.models import ModelNotFoundError, resolve_model
+    from pipeline.resolve.prompts import PromptSetError
 
     config.validate()
     config = replace(config, dtype=resolve_dtype(config.dtype, BENCH_DEVICE))  # the report records fp32 or bf16
@@ -161,7 +161,7 @@ def run_bench(config: BenchConfig) -> Path:
     return out
 
 
-def _settings_sha256(config: BenchConfig, target, drafters: list[Drafter], items: list[dict]) -> str:
+def _settings_sha256(config: BenchConfig, target, drafters: list[BenchedDrafter], items: list[dict]) -> str:
     """What a report depends on: its settings, the target's identity, each drafter's files, the prompts."""
     settings = {key: value for key, value in asdict(config).items() if key not in ("out", "address", "progress")}
     stamps = [{"name": d.name, "kind": d.kind, "path": str(d.path),
@@ -185,7 +185,7 @@ def _is_finished(out: Path, settings: str) -> bool:
 
 # --- driver-side preparation ------------------------------------------------------------------
 
-def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
+def _unique_names(drafters: list[BenchedDrafter]) -> list[BenchedDrafter]:
     from eval.report import BASELINE
 
     seen: dict[str, int] = {}
@@ -193,20 +193,20 @@ def _unique_names(drafters: list[Drafter]) -> list[Drafter]:
     for drafter in drafters:
         seen[drafter.name] = seen.get(drafter.name, 0) + 1
         name = drafter.name if seen[drafter.name] == 1 else f"{drafter.name}-{seen[drafter.name]}"
-        unique.append(Drafter(name, drafter.path, drafter.run, drafter.kind))
+        unique.append(BenchedDrafter(name, drafter.path, drafter.run, drafter.kind))
     if any(d.name == BASELINE for d in unique):
         raise ConfigError(f"a drafter may not be named {BASELINE!r} (reserved for the target alone)")
     return unique
 
 
-def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
+def _check_tokenizers(target_path: Path, drafters: list[BenchedDrafter]):
     """The target's tokenizer, after checking that every drafter's tokenizer is the same.
 
     An EAGLE-3, MEDUSA or MLP speculator export need not ship tokenizer files (vLLM and SGLang use the
     target's); when it has none, its vocabulary size is checked against the target's instead
     (`_check_drafter_targets`).
     """
-    from pipeline.models import tokenizer_fingerprint
+    from pipeline.resolve.models import tokenizer_fingerprint
 
     target_tokenizer = _load_tokenizer(target_path, "target")
     target_sha = tokenizer_fingerprint(target_tokenizer)
@@ -222,7 +222,7 @@ def _check_tokenizers(target_path: Path, drafters: list[Drafter]):
     return target_tokenizer
 
 
-def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
+def _check_drafter_targets(target_path: Path, drafters: list[BenchedDrafter]) -> None:
     """Refuse a drafter whose target hidden size, vocabulary or layers do not fit the target (from its config)."""
     from transformers import AutoConfig
 
@@ -241,7 +241,7 @@ def _check_drafter_targets(target_path: Path, drafters: list[Drafter]) -> None:
             raise ConfigError(f"drafter {drafter.name!r} ({drafter.path}): {exc} (target {target_path})") from exc
 
 
-def _check_vocab_sizes(target_path: Path, drafters: list[Drafter]) -> None:
+def _check_vocab_sizes(target_path: Path, drafters: list[BenchedDrafter]) -> None:
     """Refuse an independent drafter whose vocabulary is smaller than the target's (it cannot read every token)."""
     from transformers import AutoConfig
 
@@ -271,7 +271,7 @@ def _load_tokenizer(path: Path, what: str):
 
 def _prompt_items(config: BenchConfig, tokenizer) -> list[dict]:
     """Every benchmark prompt rendered with the target's chat template, as token ids."""
-    from eval.prompts import benchmark_name, load_prompts
+    from pipeline.resolve.prompts import benchmark_name, load_prompts
 
     items = []
     for bench in config.benchmarks:
@@ -295,7 +295,7 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 
 # --- Ray --------------------------------------------------------------------------------------
 
-def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Drafter], items: list[dict]):
+def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[BenchedDrafter], items: list[dict]):
     """Shard prompts over `workers` actors (one prompt per call) and gather every record."""
     import ray
     from ray.util import ActorPool
@@ -335,7 +335,7 @@ def _target_gpus(config: BenchConfig, target_path: Path, items: list[dict]) -> t
     import ray
 
     from pipeline.build import place_target_on_gpus
-    from pipeline.target_worker import BuildError
+    from pipeline.target_pass import BuildError
 
     if ray.cluster_resources().get("GPU", 0) < 1 or config.gpus_per_worker == 0:
         if config.gpus_per_worker not in ("auto", 0):
@@ -360,8 +360,8 @@ class BenchWorker:
 
         from eval import load_drafter
         from eval.report import BASELINE
-        from pipeline.models import load_model
-        from pipeline.target_worker import load_placed_model
+        from pipeline.resolve.models import load_model
+        from pipeline.target_pass import load_placed_model
 
         torch.set_num_threads(threads)
         if gpus > 1:  # split over the actor's GPUs; the drafters go to the first

@@ -21,13 +21,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pipeline.ray_session import ray_session  # noqa: E402
-from pipeline.target_worker import (SHARDS_IN_FLIGHT, BuildError, Sample, ShardTask, WorkerSpec,  # noqa: E402
-                                    aux_layers)
+from pipeline.target_pass import BuildError, Sample, aux_layers  # noqa: E402
+from pipeline.target_worker import SHARDS_IN_FLIGHT, ShardTask, WorkerSpec  # noqa: E402
 from trainer.precision import AUTO_HELP, DTYPE_CHOICES, resolve_dtype  # noqa: E402
 from trainer.settings import ConfigError, check_settings, setting  # noqa: E402
 
 STATS_NAME = "stats.json"
-MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.chat's loss-mask rules
+MASK_RULES = "assistant-content+closing-special-v1"  # version of pipeline.resolve.chat's loss-mask rules
 FEATURE_NAMES = ("last", "aux")
 DEVICES = ("auto", "cpu", "cuda")
 ACTOR_PREFIX = "lkspec-target"
@@ -163,7 +163,7 @@ def run_build(config: BuildConfig, log: Callable[[str], None] | None = None) -> 
     (saying so once), then reuses the finished cache, or resumes it if the first build died.
     """
     from cache import content_key, lock_cache
-    from pipeline.data import open_dataset
+    from pipeline.resolve.datasets import open_dataset
 
     log = log or _stderr
     started = time.perf_counter()
@@ -297,8 +297,8 @@ def feature_specs(features: tuple[str, ...], target: _Target) -> dict:
 def _load_target(config: BuildConfig) -> _Target:
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.chat import chat_template_sha256
-    from pipeline.models import resolve_model, tokenizer_fingerprint
+    from pipeline.resolve.chat import chat_template_sha256
+    from pipeline.resolve.models import resolve_model, tokenizer_fingerprint
 
     resolved = resolve_model(config.target)
     model_config = AutoConfig.from_pretrained(resolved.path)
@@ -324,8 +324,8 @@ class Plan:
 
 def plan_samples(dataset, tokenizer, config: BuildConfig) -> Plan:
     """Tokenize conversations in dataset order up to `limit`; invalid rows raise or are skipped and counted."""
-    from pipeline.chat import ChatTemplateError, tokenize_conversation
-    from pipeline.data import DataError, InvalidSampleError
+    from pipeline.resolve.chat import ChatTemplateError, tokenize_conversation
+    from pipeline.resolve.datasets import DataError, InvalidSampleError
 
     samples: list[Sample] = []
     skipped: Counter = Counter()

@@ -2,27 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import signal
 import sys
 from pathlib import Path
 
+from pipeline import cli_bench, cli_cache, cli_demo, cli_plan, cli_study, cli_submit, cli_train
+from pipeline.cli_error import CliError
+
 # Each module defines `register(subparsers)`, which adds its sub-command(s) and sets
 # `func(args) -> int` on the parser. Heavy imports (torch, ray) stay inside those functions
-# so that `lkspec --help` answers instantly.
-COMMAND_MODULES = (
-    "pipeline.cli_cache",
-    "pipeline.cli_submit",
-    "pipeline.cli_train",
-    "pipeline.cli_demo",
-    "pipeline.cli_bench",
-    "pipeline.cli_study",
-    "pipeline.cli_plan",
-)
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
+# so that `lkspec --help` answers instantly. The order is the order of `lkspec --help`.
+COMMAND_MODULES = (cli_cache, cli_submit, cli_train, cli_demo, cli_bench, cli_study, cli_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     for leaf in _leaf_parsers(parser):
         leaf.add_argument(
             "--config", metavar="FILE.yaml", default=None,

@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 
 class _DefaultsFormatter(argparse.HelpFormatter):
@@ -81,10 +81,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     """`cache build`: validate, build (or resume, or reuse) and print the cache directory last."""
     from cache import CacheError
     from pipeline.build import BuildConfig, run_build
-    from pipeline.chat import ChatTemplateError
-    from pipeline.data import DataError
-    from pipeline.models import ModelNotFoundError
-    from pipeline.target_worker import BuildError
+    from pipeline.resolve.chat import ChatTemplateError
+    from pipeline.resolve.datasets import DataError
+    from pipeline.resolve.models import ModelNotFoundError
+    from pipeline.target_pass import BuildError
     from trainer.settings import ConfigError, from_args
 
     try:

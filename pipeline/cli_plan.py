@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 DEFAULT_TOKENIZER = "smollm2-135m"  # embedded: always available without a download
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -63,7 +63,7 @@ def tokenizer_source(target: str, override: str | None) -> str:
 def _load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
-    from pipeline.models import EMBEDDED_MODELS, resolve_model
+    from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model
 
     path = resolve_model(source).path if source in EMBEDDED_MODELS else Path(source).expanduser()
     try:
@@ -75,7 +75,7 @@ def _load_tokenizer(source: str):
 def run(args: argparse.Namespace) -> int:
     """Count the data's tokens, size the build and print the plan."""
     from pipeline.build import ConfigError, parse_features
-    from pipeline.data import DataError, open_dataset
+    from pipeline.resolve.datasets import DataError, open_dataset
     from pipeline.plan import PlanError, count_tokens, load_model_shape, make_plan, read_conversations
 
     for name in ("k", "max_length", "token_budget", "gpus_per_node", "sample", "shard_size"):

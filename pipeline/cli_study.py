@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 
 def register(subparsers) -> None:

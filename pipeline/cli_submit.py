@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 
 def register(subparsers) -> None:

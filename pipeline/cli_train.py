@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 
 EXAMPLE = (
     "examples: lkspec train --cache ~/.cache/lkspec/caches/<key> --drafter tiny "
@@ -66,7 +66,7 @@ def configs_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     """Plan every run (all checks first), train them, print where they are."""
     from cache import CacheError
-    from pipeline.models import ModelNotFoundError
+    from pipeline.resolve.models import ModelNotFoundError
     from trainer.data import DataError
     from trainer.drafters import DrafterError
     from trainer.settings import ConfigError

@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,19 +81,12 @@ class ClusterRecord:
             return None
 
     def save(self) -> None:
-        """Write the record atomically (temporary file 0600, fsync, rename)."""
+        """Write the record atomically, readable by this user only (cache.atomic.atomic_write)."""
+        from cache.atomic import atomic_write  # here, not above: `lkspec --help` reaches this module
+
         data = {"host": self.host, "driver": list(self.driver), "temp_dir": self.temp_dir,
                 "processes": [list(p) for p in self.processes]}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, json.dumps(data).encode(), mode=0o600)
 
     def stop(self) -> int:
         """Kill what is left of the cluster, remove its temp directory and this record; returns processes killed."""

@@ -119,7 +119,7 @@ def _demo_drafter(spec: str) -> tuple[str, bool]:
     A preset is built from a config; a model alias is resolved (fetched and converted on first use)
     to its directory; a directory is used as it is.
     """
-    from pipeline.models import EMBEDDED_MODELS, resolve_model
+    from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model
     from trainer.drafters import PRESETS, family_for
 
     if spec in PRESETS or family_for(spec).name != "independent":  # a preset, or medusa[:..], mlp[:..], eagle3[:..]

@@ -41,7 +41,7 @@ FEATURE_RATIO = {"last": 0.692, "aux": 0.704}
 # ----------------------------------------------------------------------------- placement constants
 GPU_RESERVED_BYTES = int(1.5 * GIB)  # CUDA context, cuBLAS workspace, allocator slack, per GPU
 GPU_RESERVED_FRACTION = 0.05  # of each GPU's memory, on top: fragmentation
-LOGITS_CHUNK = 1024  # rows per lm_head chunk in the worker (pipeline.target_worker.LOGITS_CHUNK)
+LOGITS_CHUNK = 1024  # rows per lm_head chunk in the worker (pipeline.target_pass.LOGITS_CHUNK)
 DEFAULT_GPU_TFLOPS = 989.0  # H100/H200 SXM dense bf16
 DEFAULT_UTILIZATION = 0.4
 
@@ -246,7 +246,7 @@ def evenly_spaced(count: int, size: int) -> list[int]:
 def count_tokens(conversations: list, tokenizer, *, max_length: int, sample: int, tokenizer_name: str = "",
                  skipped: dict | None = None) -> TokenCounts:
     """Tokenize every conversation (or an evenly spaced sample of `sample`) and extrapolate the sums."""
-    from pipeline.chat import ChatTemplateError, tokenize_conversation
+    from pipeline.resolve.chat import ChatTemplateError, tokenize_conversation
 
     chosen = evenly_spaced(len(conversations), sample)
     lengths, positions = [], []
@@ -281,7 +281,7 @@ def count_tokens(conversations: list, tokenizer, *, max_length: int, sample: int
 
 def read_conversations(dataset, limit: int | None) -> tuple[list, dict]:
     """The dataset's valid conversations in order (first `limit`), and invalid rows by reason."""
-    from pipeline.data import InvalidSampleError
+    from pipeline.resolve.datasets import InvalidSampleError
 
     conversations, skipped = [], {}
     for item in dataset.conversations():

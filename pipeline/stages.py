@@ -58,7 +58,7 @@ class StageConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that breaks its declaration, or an unknown benchmark."""
-        from eval.prompts import BENCHMARKS, is_benchmark
+        from pipeline.resolve.prompts import BENCHMARKS, is_benchmark
 
         check_settings(self)
         unknown = [name for name in self.bench if not is_benchmark(name)]

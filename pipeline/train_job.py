@@ -56,7 +56,7 @@ def default_run_name(config: TrainConfig, cache_key: str) -> str:
 def plan_run(config: TrainConfig) -> RunPlan:
     """Validate one run against its cache, drafter and target and resolve everything workers need."""
     from cache import CacheMismatchError, open_cache
-    from pipeline.models import EMBEDDED_MODELS, resolve_model, tokenizer_fingerprint
+    from pipeline.resolve.models import EMBEDDED_MODELS, resolve_model, tokenizer_fingerprint
 
     config.validate()
     cache_path = Path(config.cache).expanduser().resolve()
@@ -188,7 +188,7 @@ def _index(reader) -> list:
 
 
 def _same_model(recorded: dict, identity: dict) -> bool:
-    """Whether two model identities (pipeline.models) name the same weights and config."""
+    """Whether two model identities (pipeline.resolve.models) name the same weights and config."""
     keys = [k for k in ("weights_sha256", "config_sha256") if recorded.get(k) is not None]
     return bool(keys) and all(recorded[k] == identity.get(k) for k in keys)
 
@@ -199,7 +199,8 @@ def locate_target(cache_path: Path, identity: dict) -> str | None:
     Tried in order: `target_path` in the identity; the target spec `lkspec cache build` wrote to the
     cache's stats.json; the models already converted under $LKSPEC_HOME/models.
     """
-    from pipeline.models import IDENTITY_FILE, lkspec_home, resolve_model
+    from pipeline.resolve.home import lkspec_home
+    from pipeline.resolve.models import IDENTITY_FILE, resolve_model
 
     if isinstance(identity.get("target_path"), str) and Path(identity["target_path"]).is_dir():
         return identity["target_path"]

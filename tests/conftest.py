@@ -28,7 +28,7 @@ def ray_address() -> str:
 @pytest.fixture(scope="session")
 def smollm2_path():
     """Local HF directory of the embedded SmolLM2-135M-Instruct (converted from GGUF once)."""
-    from pipeline.models import resolve_model
+    from pipeline.resolve.models import resolve_model
 
     return resolve_model("smollm2-135m").path
 

@@ -3,7 +3,8 @@ import argparse
 
 import pytest
 
-from pipeline.cli import CliError, _leaf_parsers, build_parser, parse_with_config
+from pipeline.cli import _leaf_parsers, build_parser, parse_with_config
+from pipeline.cli_error import CliError
 
 
 def _toy_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """The shared fixtures work: a real Ray cluster on loopback, the embedded model resolves."""
 import pytest
 
-from pipeline.models import ModelNotFoundError, resolve_model
+from pipeline.resolve.models import ModelNotFoundError, resolve_model
 
 
 @pytest.mark.slow

@@ -44,7 +44,8 @@ class TrainConfig:
         "directory sharing the target's tokenizer, eagle3[:KEY=VALUE,...] (EAGLE-3 over the cache's aux features; keys "
         "hidden, heads, kv_heads, intermediate, draft_vocab, steps, freeze_embeddings, max_positions, rope_theta), "
         "medusa[:heads=6,layers=1,draft_vocab=N] (MEDUSA-1 heads over the cache's last feature) or "
-        "mlp[:stages=6,inner=D,tie=false,scale_input=false] (an MLP speculator over the cache's last feature)")
+        "mlp[:stages=6,inner=D,tie=false,scale_input=false,draft_vocab=N] (an MLP speculator over the cache's last "
+        "feature; with draft_vocab its model/ loads in lkspec only: vLLM's MLPSpeculator has no token map)")
     drafter_config: dict[str, Any] = setting(
         {}, group=WHAT, metavar="K=V,...", parse=_arch_overrides, expected="a mapping like layers=2,hidden=256",
         help="override preset fields: layers, hidden, heads, kv_heads, intermediate, max_positions, rope_theta, "
@@ -52,7 +53,10 @@ class TrainConfig:
         "`NAME:`")
     init_embeddings_from: str | None = setting(
         None, group=WHAT, choices=("target",),
-        help="copy the target's token embeddings into the drafter (its width becomes the target's)")
+        help="copy the target's token embeddings into an independent drafter (its width becomes the target's); "
+        "eagle3 takes the target's embeddings whenever its width is the target's (this flag makes another hidden= an "
+        "error), medusa always copies the target's LM head, mlp takes nothing from the target (the flag is ignored "
+        "with a warning)")
     run_name: str | None = setting(
         None, group=WHAT, check=_plain_name, expected="a plain directory name",
         help="run directory name (default [<family>-]<loss>-<cache key[:8]>-s<seed>, the family prefix for eagle3, "

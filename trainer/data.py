@@ -26,7 +26,7 @@ HASH_BITS = 64
 
 
 class DataError(ValueError):
-    """The cache cannot feed this training configuration (too few sequences, empty share...)."""
+    """Unusable data: a dataset (missing, unknown format, fetch failed) or a cache too small for the training."""
 
 
 def sample_hash(sample_id: str) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,20 +63,12 @@ def run_status(run: dict[str, Any]) -> str | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
+    """Write JSON atomically (cache.atomic.atomic_write)."""
+    from cache.atomic import atomic_write  # here, not above: `lkspec --help` reaches this module
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True, allow_nan=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(data, indent=1, sort_keys=True, allow_nan=True) + "\n").encode())
 
 
 def read_run(run_dir: Path) -> dict[str, Any] | None:
@@ -127,9 +118,9 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         path = run_dir / METRICS
         kept = [r for r in iter_metrics(path) if r.get("step", 0) <= resume_step]
-        tmp = path.with_name(f".{METRICS}.tmp")
-        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
-        os.replace(tmp, path)
+        from cache.atomic import atomic_write
+
+        atomic_write(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept).encode())
         self.file = open(path, "a")
         from torch.utils.tensorboard import SummaryWriter
 

@@ -409,7 +409,8 @@ def test_eagle3_wrong_residual_fails_the_distribution_test(small_vocab_pair, sma
 # --- MEDUSA and the MLP speculator (drafters over the target's final hidden state) ----------------
 
 def tiny_state_drafter(kind: str, seed: int, target, draft_vocab: int | None = None):
-    """A random MEDUSA (3 heads) or MLP speculator (4 stages; `mlp-tied`: tied, scaled input) for `target`."""
+    """A random MEDUSA (3 heads) or MLP speculator (4 stages; `mlp-tied`: tied, scaled input) for `target`, over
+    `draft_vocab` random target ids (None: the whole vocabulary)."""
     torch.manual_seed(seed)
     hidden, vocab = target.config.hidden_size, target.config.vocab_size
     if kind == "medusa":
@@ -417,7 +418,8 @@ def tiny_state_drafter(kind: str, seed: int, target, draft_vocab: int | None = N
                                          draft_vocab_size=draft_vocab or vocab))
     else:
         model = MLPSpeculator(MLPSpeculatorConfig(emb_dim=hidden, vocab_size=vocab, inner_dim=24, n_predict=4,
-                                                  tie_weights=kind == "mlp-tied", scale_input=kind == "mlp-tied"))
+                                                  tie_weights=kind == "mlp-tied", scale_input=kind == "mlp-tied",
+                                                  draft_vocab_size=draft_vocab or vocab))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -428,17 +430,18 @@ def tiny_state_drafter(kind: str, seed: int, target, draft_vocab: int | None = N
 
 @pytest.fixture(scope="module")
 def state_pair():
-    """A target (vocab 256) and MEDUSA / MLP speculator drafters, one MEDUSA over a reduced vocabulary."""
+    """A target (vocab 256) and MEDUSA / MLP speculator drafters, one of each over a reduced vocabulary."""
     torch.set_num_threads(1)
     target = tiny_llama(0, 256, init=0.2, tied=False)
     drafters = {"medusa": tiny_state_drafter("medusa", 0, target), "medusa-reduced":
                 tiny_state_drafter("medusa", 1, target, draft_vocab=200),
-                "mlp": tiny_state_drafter("mlp", 2, target), "mlp-tied": tiny_state_drafter("mlp-tied", 3, target)}
+                "mlp": tiny_state_drafter("mlp", 2, target), "mlp-tied": tiny_state_drafter("mlp-tied", 3, target),
+                "mlp-reduced": tiny_state_drafter("mlp-tied", 4, target, draft_vocab=200)}
     return target, drafters
 
 
 @pytest.mark.parametrize("k", [1, 3, 7])
-@pytest.mark.parametrize("drafter_name", ["medusa", "medusa-reduced", "mlp", "mlp-tied"])
+@pytest.mark.parametrize("drafter_name", ["medusa", "medusa-reduced", "mlp", "mlp-tied", "mlp-reduced"])
 def test_state_drafters_greedy_output_equals_target_greedy(state_pair, drafter_name, k):
     target, drafters = state_pair
     for prompt in PROMPTS:
@@ -473,10 +476,10 @@ def test_a_state_drafter_drafts_from_the_state_of_the_position_that_produced_the
         torch.testing.assert_close(state[0], expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["medusa", "mlp"])
-def test_state_drafters_sampling_matches_the_target_distribution(small_vocab_pair, kind):
+@pytest.mark.parametrize("kind, draft_vocab", [("medusa", 6), ("mlp", None), ("mlp", 6)])
+def test_state_drafters_sampling_matches_the_target_distribution(small_vocab_pair, kind, draft_vocab):
     target, _ = small_vocab_pair
-    drafter = tiny_state_drafter(kind, 5, target, draft_vocab=6 if kind == "medusa" else None)
+    drafter = tiny_state_drafter(kind, 5, target, draft_vocab=draft_vocab)
     samples = sample_outputs(target, drafter, 800, temperature=1.0, k=2, steps=4)
     assert min(distribution_pvalues(samples, exact_joint(target, 1.0, steps=4))) > 1e-3
 

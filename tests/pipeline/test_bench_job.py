@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.prompts import BENCHMARKS
+from pipeline.resolve.prompts import BENCHMARKS
 from pipeline import bench_job
 from pipeline.bench_job import BenchConfig, run_bench
-from pipeline.cli import CliError
+from pipeline.cli_error import CliError
 from trainer.settings import ConfigError as BenchConfigError
 
 
@@ -55,7 +55,7 @@ def save_random_eagle3(target_dir: Path, out: Path, *, target_hidden_size: int |
     import torch
     from transformers import AutoConfig
 
-    from pipeline.target_worker import aux_layers
+    from pipeline.target_pass import aux_layers
     from trainer.drafters.eagle3.model import Eagle3Config, Eagle3Model
     from trainer.drafters.eagle3.export import save_eagle3
 
@@ -174,7 +174,7 @@ def test_cli_turns_refusals_into_cli_errors(tiny_llama_dir, tmp_path, no_ray):
 def greedy(target_dir: Path, input_ids: list[int], max_new_tokens: int) -> list[int]:
     import torch
 
-    from pipeline.models import load_model
+    from pipeline.resolve.models import load_model
 
     model = load_model(target_dir)
     out = model.generate(torch.tensor([input_ids]), do_sample=False, max_new_tokens=max_new_tokens,
@@ -226,7 +226,7 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
     assert len(outputs) == 2 * 2 * 2 * 4  # benchmarks × prompts × temperatures × (baseline + 3 drafters)
     from transformers import AutoTokenizer
 
-    from eval.prompts import load_prompts
+    from pipeline.resolve.prompts import load_prompts
     from pipeline.bench_job import encode_chat
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -17,7 +17,7 @@ import pytest
 
 from cache import CacheIncompleteError, load_manifest, open_cache
 from pipeline.build import BuildConfig, run_build
-from pipeline.target_worker import BuildError
+from pipeline.target_pass import BuildError
 
 pytestmark = pytest.mark.slow
 
@@ -79,8 +79,8 @@ def test_build_on_ray_writes_a_verified_cache_and_reuses_it(reference_build, tin
     reference, log = reference_build
     from transformers import AutoTokenizer
 
-    from pipeline.chat import tokenize_conversation
-    from pipeline.data import InvalidSampleError, open_dataset
+    from pipeline.resolve.chat import tokenize_conversation
+    from pipeline.resolve.datasets import InvalidSampleError, open_dataset
 
     reader = open_cache(reference.path)
     manifest = reader.manifest
@@ -211,7 +211,7 @@ def test_two_concurrent_builds_do_the_work_once(reference, tiny_llama_dir, datas
 def test_real_smollm2_topk_matches_an_independent_forward(smollm2_path, ray_address, tmp_path):
     import torch
 
-    from pipeline.models import load_model
+    from pipeline.resolve.models import load_model
 
     data = write_conversations(tmp_path / "short.jsonl", 4, seed=1, reply_words=(8, 24))
     config = BuildConfig(target="smollm2-135m", data=str(data), out=tmp_path / "caches", k=8, max_length=128,
@@ -243,10 +243,10 @@ def test_regenerate_stores_the_targets_own_replies_deterministically(ray_address
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.chat import tokenize_conversation
-    from pipeline.data import read_conversations
-    from pipeline.models import load_model
-    from pipeline.target_worker import regenerate
+    from pipeline.resolve.chat import tokenize_conversation
+    from pipeline.resolve.datasets import read_conversations
+    from pipeline.resolve.models import load_model
+    from pipeline.target_pass import regenerate
 
     data = write_conversations(tmp_path / "prompts.jsonl", 3, seed=2, reply_words=(5, 10))
     config = tiny_config(tiny_llama_dir, data, tmp_path / "caches", regenerate=True, max_new_tokens=12, seed=7,

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.build import BuildConfig, ConfigError, parse_features, plan_samples
-from pipeline.chat import chat_template_sha256, tokenize_conversation
-from pipeline.data import DataError, InvalidSampleError, open_dataset, read_conversations
-from pipeline.target_worker import plan_batches, sample_seed
+from pipeline.resolve.chat import chat_template_sha256, tokenize_conversation
+from pipeline.resolve.datasets import DataError, InvalidSampleError, open_dataset, read_conversations
+from pipeline.target_pass import plan_batches, sample_seed
 
 CHAT = [
     {"role": "user", "content": "Hi there"},

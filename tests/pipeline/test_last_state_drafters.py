@@ -70,7 +70,8 @@ def test_medusa_and_mlp_train_from_a_last_cache_and_decode_exactly(last_cache, t
     from pipeline.bench_job import BenchConfig, run_bench
     from pipeline.train_job import train_sweep
 
-    drafters = {"medusa": ("medusa:heads=3,draft_vocab=256", 10.0), "mlp": ("mlp:stages=3,inner=48", 3.0)}
+    drafters = {"medusa": ("medusa:heads=3,draft_vocab=256", 10.0),
+                "mlp": ("mlp:stages=3,inner=48,draft_vocab=512", 3.0)}  # both over reduced vocabularies
     configs = [TrainConfig(cache=str(last_cache), out=str(tmp_path / "runs"), drafter=drafter, loss="lk_lambda",
                            workers=1, steps=12, warmup=2, lr=3e-3, batch_tokens=512, eval_every=6,
                            eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0)

@@ -139,7 +139,7 @@ def _write_conversations(path, count: int):
 def test_sampled_token_count_estimates_the_exact_one(tmp_path, smollm2_path):
     from transformers import AutoTokenizer
 
-    from pipeline.data import open_dataset
+    from pipeline.resolve.datasets import open_dataset
     from pipeline.plan import read_conversations
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)

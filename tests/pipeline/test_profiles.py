@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.profiles import CHUNKED_MODELS, ChunkedGGUF, ModelAssemblyError, assemble, ensure_gguf, gguf_path
+from pipeline.resolve.chunked import CHUNKED_MODELS, ChunkedGGUF, ModelAssemblyError, assemble, ensure_gguf, gguf_path
 
 PART_SIZES = (100_000, 5000, 1234, 700, 900, 1100, 1300, 1500, 1700, 1900, 2100)  # 11: part10 sorts before part2
 
@@ -106,7 +106,7 @@ def test_a_killed_assembly_leaves_nothing_that_is_accepted(chunked):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from pipeline.profiles import ChunkedGGUF, ensure_gguf\n"
+        "from pipeline.resolve.chunked import ChunkedGGUF, ensure_gguf\n"
         f"model = ChunkedGGUF(**{model.__dict__!r})\n"
         "def stall(message):\n"
         "    print(message, flush=True)\n"
@@ -141,7 +141,7 @@ def test_qwen_pins_match_the_packages():
 
 
 def _fake_converted(home: Path, model: ChunkedGGUF) -> Path:
-    """A converted directory as pipeline.models leaves it (only its identity and config matter here)."""
+    """A converted directory as pipeline.resolve.models leaves it (only its identity and config matter here)."""
     out = home / "models" / f"{Path(model.filename).stem}-{model.sha256[:16]}"
     out.mkdir(parents=True)
     (out / "config.json").write_text("{}")
@@ -151,7 +151,7 @@ def _fake_converted(home: Path, model: ChunkedGGUF) -> Path:
 
 def test_qwen_aliases_resolve_for_targets_and_bench_drafters(tmp_path, monkeypatch):
     from pipeline.bench_job import resolve_drafter
-    from pipeline.models import resolve_model
+    from pipeline.resolve.models import resolve_model
 
     monkeypatch.setenv("LKSPEC_HOME", str(tmp_path))
     model = CHUNKED_MODELS["qwen2.5-coder-0.5b"]
@@ -163,7 +163,7 @@ def test_qwen_aliases_resolve_for_targets_and_bench_drafters(tmp_path, monkeypat
 
 
 def test_an_unconverted_alias_verifies_its_gguf_before_converting(tmp_path, monkeypatch):
-    from pipeline.models import resolve_model
+    from pipeline.resolve.models import resolve_model
 
     monkeypatch.setenv("LKSPEC_HOME", str(tmp_path))
     model = CHUNKED_MODELS["qwen2.5-coder-1.5b"]
@@ -227,7 +227,7 @@ def test_the_speed_up_line_names_every_drafter_and_temperature(tmp_path):
 
 
 def _real_wheels() -> Path | None:
-    from pipeline.models import lkspec_home
+    from pipeline.resolve.home import lkspec_home
 
     packages = lkspec_home() / "packages"
     model = CHUNKED_MODELS["qwen2.5-coder-0.5b"]

@@ -284,15 +284,28 @@ def test_shipped_study_config_is_the_default_budget():
 
 
 
-def test_shipped_medusa_study_config_is_valid_and_studies_medusa():
+@pytest.mark.parametrize("name, drafters, losses, seeds", [
+    ("study-medusa.yaml", ["medusa:draft_vocab=4096"], ["kl", "lk_alpha", "lk_lambda"], 3),
+    ("study-mlp.yaml", ["mlp:tie=true,draft_vocab=4096"], ["kl", "lk_alpha", "lk_lambda"], 3),
+    ("study-compare.yaml", ["tiny", "eagle3:draft_vocab=4096"], ["kl", "lk_lambda"], 1),
+])
+def test_shipped_family_study_configs_are_valid_and_share_one_budget(name, drafters, losses, seeds):
     from pipeline.cli_study import config_from_args
 
-    args = parse_with_config(build_parser(), ["study", "--config", str(CONFIGS / "study-medusa.yaml")])
+    args = parse_with_config(build_parser(), ["study", "--config", str(CONFIGS / name)])
     config = config_from_args(args)
     config.validate()
-    assert list(config.drafters) == ["medusa:draft_vocab=4096"]
-    assert list(config.losses) == ["kl", "lk_alpha", "lk_lambda"] and len(config.seeds) == 3
+    assert list(config.drafters) == drafters
+    assert list(config.losses) == losses and len(config.seeds) == seeds
     assert config.part == "reproduction" and config.draft_k == 6
+    assert (config.steps, config.batch_tokens, config.conversations, config.k) == (120, 2048, 600, 32)
+
+
+def test_init_embeddings_from_target_goes_only_to_families_that_take_something_from_the_target():
+    study = StudyConfig()
+    flags = {drafter: study.train_config(drafter, "cache", 8, "kl", 0, "bucket").init_embeddings_from
+             for drafter in ("tiny", "eagle3", "medusa", "mlp:stages=2")}
+    assert flags == {"tiny": "target", "eagle3": "target", "medusa": "target", "mlp:stages=2": None}
 
 # ------------------------------------------------------------------------------ end to end (slow)
 def _write_conversations(path: Path, count: int) -> Path:

@@ -10,7 +10,8 @@ import torch
 from cache import content_key, create_manifest, open_cache
 from pipeline.build import BuildConfig, ConfigError, worker_device
 from pipeline.cli import main
-from pipeline.target_worker import BuildError, Sample, ShardTask, TargetWorker, WorkerSpec, target_topk
+from pipeline.target_pass import BuildError, Sample, target_topk
+from pipeline.target_worker import ShardTask, TargetWorker, WorkerSpec
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 VOCAB, K = 97, 5
@@ -98,7 +99,7 @@ def test_cpu_worker_commits_the_same_topk_as_an_independent_forward(tiny_model_d
 
 
 def test_target_topk_returns_cpu_arrays_with_features(tiny_model_dir):
-    from pipeline.models import load_model
+    from pipeline.resolve.models import load_model
 
     model = load_model(tiny_model_dir, dtype="fp32", device="cpu")
     batch = samples(2)

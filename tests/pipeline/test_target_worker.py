@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models import load_model
-from pipeline.target_worker import (NonFiniteLogitsError, Sample, bare_forward, launch_topk, layer_inputs,
-                                    load_placed_model, target_topk, topk_logprobs)
+from pipeline.resolve.models import load_model
+from pipeline.target_pass import (NonFiniteLogitsError, Sample, bare_forward, launch_topk, layer_inputs,
+                                  load_placed_model, target_topk, topk_logprobs)
 
 VOCAB, K = 211, 7
 
@@ -127,7 +127,7 @@ def test_a_model_split_over_devices_gives_the_same_topk(model_dir, tmp_path):
 
 
 def test_a_model_too_big_for_its_devices_is_refused(model_dir):
-    from pipeline.target_worker import BuildError
+    from pipeline.target_pass import BuildError
 
     with pytest.raises(BuildError, match="does not fit"):
         load_placed_model(model_dir, dtype="fp32", max_memory={"cpu": 10_000})
@@ -164,7 +164,7 @@ def test_several_gpus_per_worker_on_cpu_workers_is_refused(ray_address, tiny_lla
     import json
 
     from pipeline.build import BuildConfig, run_build
-    from pipeline.target_worker import BuildError
+    from pipeline.target_pass import BuildError
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
@@ -217,7 +217,7 @@ def _host_reads(fn) -> int:
 
 
 def test_the_build_batch_reads_nothing_back_beyond_what_the_model_itself_does(model_dir, monkeypatch):
-    import pipeline.target_worker as worker
+    import pipeline.target_pass as worker
 
     monkeypatch.setattr(worker, "LOGITS_CHUNK", 8)  # many LM-head chunks: none may add a read
     model = load_model(model_dir, dtype="fp32")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.target_worker import SHARDS_IN_FLIGHT, Sample, ShardTask, TargetWorker, WorkerSpec
+from pipeline.target_pass import Sample
+from pipeline.target_worker import SHARDS_IN_FLIGHT, ShardTask, TargetWorker, WorkerSpec
 
 VOCAB, K, LENGTH, ROWS, SHARDS = 512, 256, 512, 16, 6
 

@@ -49,7 +49,7 @@ def build_cache(out: Path, target_dir: Path, sequences, *, num_shards: int = 4, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cache import CacheWriter, SequenceRecord, content_key, create_manifest
-    from pipeline.models import resolve_model, tokenizer_fingerprint
+    from pipeline.resolve.models import resolve_model, tokenizer_fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     resolved = resolve_model(str(target_dir))

@@ -215,10 +215,10 @@ def test_round_trip_and_a_broken_export_is_refused(tmp_path):
 
 
 def test_the_cached_last_feature_is_the_hidden_state_the_decoder_reads(tiny_target_dir):
-    """The cache's `last` column (pipeline.target_worker) equals hidden_states[-1] of the decoder's target forward."""
+    """The cache's `last` column (pipeline.target_pass) equals hidden_states[-1] of the decoder's target forward."""
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from pipeline.target_worker import Sample, target_topk
+    from pipeline.target_pass import Sample, target_topk
     from trainer.drafters.causal_lm import forward
     from trainer.drafters.last_state import LAST
 

@@ -1,4 +1,5 @@
-"""The MLP speculator: spec, teacher-forced stages vs the decoding chain, vLLM's export layout and forward (no Ray)."""
+"""The MLP speculator: spec, teacher-forced stages vs the decoding chain, a reduced draft vocabulary, vLLM's export
+layout and forward (no Ray)."""
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ from safetensors import safe_open
 
 from cache import open_cache
 from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
-from trainer.drafters import DrafterError, SpecContext, build_drafter, family, family_for, family_of_dir, \
-    family_of_model
+from trainer.drafters import DrafterError, SpecContext, build_drafter, draft_vocabulary, family, family_for, \
+    family_of_dir, family_of_model
 from trainer.drafters.base import ExportFormatError
 from trainer.drafters.mlp import (MLPSpeculator, MLPSpeculatorConfig, is_mlp_speculator_dir, load_mlp_speculator,
                                   save_mlp_speculator)
@@ -34,27 +35,48 @@ def cache_batch(tiny_cache):
     finally:
         stream.close()
     batch.features["last"] = torch.randn(*batch.input_ids.shape, 32, generator=torch.Generator().manual_seed(0))
+    batch.heldout_threshold = split.heldout_threshold
     return batch
 
 
-def resolve(drafter: str, **features):
-    return family("mlp").resolve(drafter, SpecContext(vocab_size=VOCAB, max_positions=2048,
-                                                      features=features or {"last": {"dim": 32}}))
+def resolve(drafter: str, reader=None, heldout_threshold: int = 0, **context):
+    """The spec of `drafter` for a width-32 `last` column (draft vocabularies from `reader`'s cached mass)."""
+    vocabulary = None if reader is None else (lambda size: draft_vocabulary(reader, size, heldout_threshold))
+    return family("mlp").resolve(drafter, SpecContext(vocab_size=VOCAB, max_positions=2048, features={"last": {
+        "dim": 32}}, draft_vocabulary=vocabulary, **context))
 
 
 def test_options_defaults_and_refusals():
     mlp = family_for("mlp:stages=4")
     assert mlp.name == "mlp" and mlp.columns == ("last",) and mlp.default_eta == 3.0
-    assert mlp.parse("mlp:stages=4,inner=64,tie=true,scale_input=1") == {
-        "stages": 4, "inner": 64, "tie": True, "scale_input": True}
+    assert mlp.parse("mlp:stages=4,inner=64,tie=true,scale_input=1,draft_vocab=100") == {
+        "stages": 4, "inner": 64, "tie": True, "scale_input": True, "draft_vocab": 100}
     with pytest.raises(DrafterError, match="--drafter mlp: bad option 'heads=2'"):
         mlp.parse("mlp:heads=2")
     with pytest.raises(DrafterError, match="--drafter mlp tie must be true or false"):
         mlp.parse("mlp:tie=maybe")
-    assert resolve("mlp").hf_config == {"emb_dim": 32, "vocab_size": VOCAB, "inner_dim": 32, "n_predict": 6,
-                                        "tie_weights": False, "scale_input": False}
+    full = resolve("mlp")
+    assert full.hf_config == {"emb_dim": 32, "vocab_size": VOCAB, "inner_dim": 32, "n_predict": 6,
+                              "tie_weights": False, "scale_input": False, "draft_vocab_size": VOCAB}
+    assert full.draft_vocab is None and resolve(f"mlp:draft_vocab={VOCAB}").draft_vocab is None
     with pytest.raises(DrafterError, match="tie_weights needs at least 2 stages"):
         resolve("mlp:stages=1,tie=true")
+    with pytest.raises(DrafterError, match="--drafter mlp: draft_vocab must be in 1..49152"):
+        resolve("mlp:draft_vocab=50000")
+
+
+def test_the_flags_it_cannot_honour_are_said_not_dropped(tiny_cache, capsys):
+    assert not family("mlp").init_embeddings and family("medusa").init_embeddings
+    capsys.readouterr()
+    resolve("mlp:stages=2", init_embeddings=("target-dir", 32))
+    assert capsys.readouterr().err == ("lkspec: warning: --init-embeddings-from target does not apply to MLP "
+                                       "speculators (their embeddings and heads start at random, IBM's "
+                                       "initialization); ignored\n")
+    resolve("mlp:stages=2,draft_vocab=64", open_cache(tiny_cache))
+    assert capsys.readouterr().err == (
+        "lkspec: warning: --drafter mlp:stages=2,draft_vocab=64: the run's model/ will be in lkspec's own layout, "
+        "which vLLM does not load: vLLM's MLPSpeculator has no token map (its heads span the whole vocabulary); "
+        "train without draft_vocab to export for vLLM\n")
 
 
 def stage_reference(model: MLPSpeculator, h: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
@@ -107,6 +129,90 @@ def test_every_stage_learns(cache_batch):
     combine_steps(results).backward()
     for name, p in drafter.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+@pytest.fixture(scope="module")
+def reduced_spec(tiny_cache, cache_batch):
+    """A tied 3-stage speculator over the 300 ids with the most cached target mass."""
+    return resolve("mlp:stages=3,inner=48,tie=true,draft_vocab=300", open_cache(tiny_cache),
+                   cache_batch.heldout_threshold)
+
+
+def test_a_reduced_draft_vocabulary_trains_with_n_head_rows_and_target_id_embeddings(reduced_spec, tiny_cache,
+                                                                                       cache_batch):
+    expected = draft_vocabulary(open_cache(tiny_cache), 300, cache_batch.heldout_threshold)
+    assert reduced_spec.draft_vocab == expected.ids and reduced_spec.settings["draft_vocab_mass"] == expected.mass
+    assert reduced_spec.hf_config["draft_vocab_size"] == 300
+    torch.manual_seed(0)
+    drafter = build_drafter(reduced_spec)
+    model = drafter.model
+    assert torch.equal(drafter.vocab_map, torch.tensor(expected.ids))
+    assert model.head[0].weight.shape == (300, 48) and model.head[2] is model.head[0]  # tied: one head, N rows
+    assert model.emb[0].weight.shape == (VOCAB, 48)  # teacher-forced tokens are target ids
+    batch = cache_batch
+    target = SparseTarget(batch.topk_ids, batch.topk_logprobs)
+    optimizer = torch.optim.AdamW(drafter.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(2):
+        steps = drafter(batch.model_inputs())
+        assert all(s.logits.shape == (len(s.rows), 300) for s in steps)
+        results = [compute_loss("lk_lambda", s.logits, SparseTarget(target.ids[s.rows], target.logprobs[s.rows]),
+                                vocab_map=drafter.vocab_map) for s in steps]
+        loss = combine_steps(results)
+        assert torch.isfinite(loss) and all(0.0 <= float(r.alpha_mean) <= 1.0 for r in results)
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in drafter.parameters())
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[1] < losses[0]
+
+
+def test_a_reduced_vocabulary_has_no_vllm_export_and_its_run_directory_loads(reduced_spec, tiny_target_dir,
+                                                                            tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from eval import load_drafter
+
+    torch.manual_seed(0)
+    drafter = build_drafter(reduced_spec).eval()
+    with pytest.raises(ExportFormatError, match=r"^an MLP speculator with draft_vocab=300 has no vLLM layout: vLLM's "
+                                                r"MLPSpeculator has no token map .*; train without draft_vocab to "
+                                                r"export for vLLM$"):
+        save_mlp_speculator(drafter.model, tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"drafter": {"kind": "mlp"}}))
+    drafter.export(run / "model")  # what the trainer writes to <run>/model
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LkspecMLPSpeculator"] and config["truncated_vocab_size"] == 300
+    assert torch.equal(read_tensors(run / "model")["token_map"], torch.tensor(reduced_spec.draft_vocab))
+    target = AutoModelForCausalLM.from_pretrained(tiny_target_dir, dtype=torch.float32).eval()
+    loaded = load_drafter(run, target)
+    assert family_of_model(loaded).name == "mlp" and loaded.config == drafter.model.config
+    assert torch.equal(loaded.draft_ids, drafter.model.draft_ids)
+    assert loaded.head[2] is loaded.head[0]  # still tied
+    for (name, a), (_, b) in zip(drafter.model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    assert drafter.reload(run / "model", torch.float32).vocab_map.tolist() == reduced_spec.draft_vocab
+
+    # Decoding: each stage proposes a target id (draft id mapped through draft_ids), which the next stage embeds.
+    kind, hidden, proposed = family_of_model(loaded), torch.randn(1, 32), []
+    cache = kind.new_cache(loaded)
+    kind.commit(cache, hidden)
+
+    def propose(logits):
+        proposed.append(logits.clone())
+        return logits.argmax(-1), torch.softmax(logits, -1)
+
+    with torch.no_grad():
+        drafts, _ = kind.draft(loaded, cache, torch.tensor([5, 1017]), 3, propose, VOCAB)
+        reference = stage_reference(loaded, hidden[0], [1017, *drafts[:2].tolist()])
+    assert torch.isin(drafts, loaded.draft_ids).all()
+    for ours, theirs in zip(proposed, reference, strict=True):
+        assert torch.equal(torch.isfinite(ours[0]).nonzero().view(-1), loaded.draft_ids)
+        torch.testing.assert_close(ours[0, loaded.draft_ids], theirs, atol=1e-5, rtol=1e-5)
 
 
 # --- export -----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ target row whose predicting position is p is scored by step n at row t = p − n
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -143,6 +144,11 @@ class SpecContext:
         return self.draft_vocabulary(size)
 
 
+def warn(message: str) -> None:
+    """One `lkspec: warning: ...` line on stderr (the driver resolves specs, so the user sees it)."""
+    print(f"lkspec: warning: {message}", file=sys.stderr, flush=True)
+
+
 def require_target(context: SpecContext, why: str):
     """The target's transformers config, or a DrafterError saying why the family needs the target."""
     if context.target_config is None or context.target_path is None:
@@ -162,6 +168,9 @@ class Family:
     columns: ClassVar[tuple[str, ...]] = ()  # cache feature columns its drafters read
     reads: ClassVar[str] = ""  # what those columns hold, for the refusal of a cache without them
     default_eta: ClassVar[float] = 3.0  # LK^λ η when --eta is not given
+    # Whether `--init-embeddings-from target` applies (copies, or checks the width of, what the family takes
+    # from the target); False: the family takes nothing from the target and the flag is ignored with a warning.
+    init_embeddings: ClassVar[bool] = True
     options: ClassVar[tuple[str, ...]] = ()  # KEY of `--drafter NAME:KEY=VALUE,...`
 
     def matches(self, drafter: str) -> bool:

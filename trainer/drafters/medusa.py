@@ -20,7 +20,7 @@ Export (vLLM `vllm/model_executor/models/medusa.py`, `MedusaModel`):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.drafters.base import (DrafterError, DrafterSpec, ExportFormatError, SpecContext, load_embeddings, read_export,
+from trainer.drafters.base import (DrafterSpec, ExportFormatError, SpecContext, load_embeddings, read_export,
                                    read_export_config, read_json, require_target, save_tokenizer, write_export)
-from trainer.drafters.last_state import LastStateFamily, StepDrafter, StepModel
+from trainer.drafters.last_state import (LastStateFamily, StepDrafter, StepModel, draft_vocab_rows, load_token_map,
+                                         token_map)
 
 NAME = "medusa"
 OPTIONS = ("heads", "layers", "draft_vocab")
@@ -50,10 +51,7 @@ class MedusaConfig:
     draft_vocab_size: int = 0  # LM head rows; 0: the whole vocabulary
 
     def __post_init__(self):
-        if self.draft_vocab_size == 0:
-            object.__setattr__(self, "draft_vocab_size", self.vocab_size)
-        if not 0 < self.draft_vocab_size <= self.vocab_size:
-            raise ValueError(f"draft_vocab_size must be in 1..{self.vocab_size}, got {self.draft_vocab_size}")
+        object.__setattr__(self, "draft_vocab_size", draft_vocab_rows(self.vocab_size, self.draft_vocab_size))
         if self.num_heads < 1 or self.num_layers < 1:
             raise ValueError(f"num_heads and num_layers must be >= 1, got {self.num_heads}, {self.num_layers}")
 
@@ -79,9 +77,7 @@ class MedusaModel(StepModel):
     """MEDUSA-1 heads: head n's logits = lm_heads[n](blocks[n](h_t)) over the draft vocabulary."""
 
     def __init__(self, config: MedusaConfig):
-        super().__init__()
-        self.config = config
-        self.num_steps = config.num_heads
+        super().__init__(config, config.num_heads)
         self.blocks = nn.ModuleList(ResidualBlock(config.hidden_size, config.num_layers)
                                     for _ in range(config.num_heads))
         self.lm_heads = nn.ModuleList(nn.Linear(config.hidden_size, config.draft_vocab_size, bias=False)
@@ -90,21 +86,6 @@ class MedusaModel(StepModel):
             for layer in block.layers:
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-        # Draft id i is target id draft_ids[i] (vLLM's token_map).
-        self.register_buffer("draft_ids", torch.arange(config.draft_vocab_size), persistent=True)
-
-    @property
-    def vocab_map(self) -> Tensor | None:
-        return self.draft_ids if self.config.draft_vocab_size < self.config.vocab_size else None
-
-    def set_draft_vocab(self, target_ids: Tensor) -> None:
-        """Set the reduced vocabulary: target_ids [draft_vocab] ascending, distinct, < vocab_size."""
-        ids = torch.as_tensor(target_ids, dtype=torch.long).view(-1)
-        if ids.numel() != self.config.draft_vocab_size:
-            raise ValueError(f"draft vocabulary needs {self.config.draft_vocab_size} ids, got {ids.numel()}")
-        if ids.min() < 0 or ids.max() >= self.config.vocab_size or (ids[1:] <= ids[:-1]).any():
-            raise ValueError("draft vocabulary ids must be ascending, distinct and < vocab_size")
-        self.draft_ids.copy_(ids)
 
     def set_lm_heads(self, target_lm_head: Tensor) -> None:
         """Every head's LM head from the target's [V, d] (its draft vocabulary's rows)."""
@@ -156,10 +137,7 @@ def export_config(config: MedusaConfig, dtype: torch.dtype) -> dict[str, Any]:
 
 def export_tensors(model: MedusaModel) -> dict[str, Tensor]:
     """The checkpoint tensors under vLLM's names; token_map only for a truncated vocabulary."""
-    tensors = {name: t for name, t in model.state_dict().items() if name != "draft_ids"}
-    if model.vocab_map is not None:
-        tensors["token_map"] = model.draft_ids.long()
-    return tensors
+    return {**{name: t for name, t in model.state_dict().items() if name != "draft_ids"}, **token_map(model)}
 
 
 def save_medusa(model: MedusaModel, out_dir: str | Path) -> None:
@@ -192,12 +170,7 @@ def load_medusa(model_dir: str | Path) -> MedusaModel:
     model = MedusaModel(config)
     expected = {name: tuple(t.shape) for name, t in export_tensors(model).items()}
     tensors = read_export(Path(model_dir), expected)
-    token_map = tensors.pop("token_map", None)
-    if token_map is not None:
-        try:
-            model.set_draft_vocab(token_map)
-        except ValueError as exc:
-            raise ExportFormatError(f"{Path(model_dir) / 'model.safetensors'}: token_map: {exc}") from None
+    load_token_map(model, tensors, model_dir)
     model.load_state_dict({**tensors, "draft_ids": model.draft_ids}, strict=True)
     return model.float().eval()
 
@@ -212,36 +185,21 @@ class MedusaFamily(LastStateFamily):
     default_eta = 10.0
     options = OPTIONS
     model_class = MedusaModel
+    config_class = MedusaConfig
+    drafter_class = MedusaDrafter
 
     def resolve(self, drafter: str, context: SpecContext) -> DrafterSpec:
         options = self.parse(drafter)
-        target_config = require_target(context, "--drafter medusa copies the target's LM head")
-        hidden = int(context.features["last"]["dim"])
-        if hidden != target_config.hidden_size:
-            from cache import CacheMismatchError
+        require_target(context, "--drafter medusa copies the target's LM head")
+        return self.make_spec(drafter, dict(hidden_size=self.last_width(context), vocab_size=context.vocab_size,
+                                            num_heads=options.get("heads", DEFAULT_HEADS),
+                                            num_layers=options.get("layers", 1)),
+                              self.draft_vocab(options, context), init_embeddings_path=context.target_path)
 
-            raise CacheMismatchError(f"the cache's last feature has dimension {hidden}, the target's hidden "
-                                     f"size is {target_config.hidden_size}")
-        size = options.get("draft_vocab", context.vocab_size)
-        vocab = context.vocabulary(size, "--drafter medusa") if size != context.vocab_size else None
-        try:
-            config = MedusaConfig(hidden_size=hidden, vocab_size=context.vocab_size,
-                                  num_heads=options.get("heads", DEFAULT_HEADS), num_layers=options.get("layers", 1),
-                                  draft_vocab_size=size)
-        except ValueError as exc:
-            raise DrafterError(f"--drafter medusa: {exc}") from None
-        return DrafterSpec(kind=NAME, label=drafter, source="config", hf_config=asdict(config),
-                           init_embeddings_path=context.target_path,
-                           settings={"draft_vocab_mass": vocab.mass if vocab else None},
-                           draft_vocab=vocab.ids if vocab else None)
-
-    def build(self, spec: DrafterSpec) -> MedusaDrafter:
-        model = MedusaModel(MedusaConfig(**spec.hf_config))
-        if spec.draft_vocab is not None:
-            model.set_draft_vocab(torch.tensor(spec.draft_vocab, dtype=torch.long))
+    def initialize(self, model: MedusaModel, spec: DrafterSpec) -> None:
+        """Every head's LM head from the target's (its draft vocabulary's rows)."""
         if spec.init_embeddings_path:
             model.set_lm_heads(load_embeddings(spec.init_embeddings_path, output=True))
-        return MedusaDrafter(model.float().train())
 
     def is_export(self, path: Path) -> bool:
         return is_medusa_dir(path)

@@ -1,7 +1,7 @@
 """The MLP speculator family (Wertheimer et al. 2024, "Accelerating Production LLMs with Combined
 Token/Embedding Speculators"; vLLM `vllm/model_executor/models/mlp_speculator.py`).
 
-    --drafter mlp[:stages=6,inner=<target hidden>,tie=false,scale_input=false]
+    --drafter mlp[:stages=6,inner=<target hidden>,tie=false,scale_input=false,draft_vocab=N]
 
 Stage n mixes a projection of its input state with the embedding of a token, then normalizes:
 
@@ -15,8 +15,11 @@ token_1 = x_{t+1} the token just sampled, token_n the token stage n − 1 drafte
 in training: teacher forcing); stage n predicts x_{t+n+1}. ln is vLLM's MLPSpeculatorLayerNorm (an
 RMS normalization, eps 1e-6, with a learned scale and shift), GELU the exact one. tie=true shares
 emb, ln, head and the inner projection between stages (proj_1 reads the target's width and stays
-separate). Initialization as IBM's: weights N(0, 1/inner), norms scale 1 and shift 0. Training and
-decoding: trainer.drafters.last_state.
+separate). Initialization as IBM's: weights N(0, 1/inner), norms scale 1 and shift 0 (nothing is
+taken from the target: `--init-embeddings-from target` does not apply). With draft_vocab=N the heads
+output N rows, over the N ids with the most cached target mass (base.draft_vocabulary, MEDUSA's and
+EAGLE-3's semantics); the embeddings stay over the whole vocabulary, since the tokens fed back in
+are target ids. Training and decoding: trainer.drafters.last_state.
 
 Export (vLLM's MLPSpeculatorPreTrainedModel):
 
@@ -27,11 +30,17 @@ Export (vLLM's MLPSpeculatorPreTrainedModel):
     model.safetensors  emb.{i}.weight [vocab, inner], proj.{i}.weight [inner, emb_dim (i = 0) | inner],
                        head.{i}.weight [vocab, inner], ln.{i}.weight and .bias [inner], for every stage
                        i; with tie_weights only the tensors vLLM keeps: emb.0, proj.0, proj.1, head.0, ln.0
+
+vLLM's MLPSpeculator has no token map (its heads span the whole vocabulary), so a draft_vocab=N
+speculator has no vLLM layout: save_mlp_speculator refuses it. The run's model/ then holds lkspec's
+own layout, which eval.load_drafter and `lkspec bench` load and vLLM does not: architectures
+["LkspecMLPSpeculator"], the same keys plus truncated_vocab_size, head.{i}.weight [N, inner] and
+token_map int64 [N] (draft id i is target id token_map[i], as in MEDUSA's export).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.drafters.base import (DrafterError, DrafterSpec, ExportFormatError, SpecContext, read_export,
-                                   read_export_config, read_json, save_tokenizer, write_export)
-from trainer.drafters.last_state import LastStateFamily, StepDrafter, StepModel
+from trainer.drafters.base import (DrafterSpec, ExportFormatError, SpecContext, read_export, read_export_config,
+                                   read_json, save_tokenizer, warn, write_export)
+from trainer.drafters.last_state import (LastStateFamily, StepDrafter, StepModel, draft_vocab_rows, load_token_map,
+                                         token_map)
 
 NAME = "mlp"
-OPTIONS = ("stages", "inner", "tie", "scale_input")
+OPTIONS = ("stages", "inner", "tie", "scale_input", "draft_vocab")
 DEFAULT_STAGES = 6
 ARCHITECTURE = "MLPSpeculatorPreTrainedModel"
+TRUNCATED_ARCHITECTURE = "LkspecMLPSpeculator"  # lkspec's own layout of a draft_vocab=N speculator (not vLLM's)
+NO_VLLM_LAYOUT = ("vLLM's MLPSpeculator has no token map (its heads span the whole vocabulary); "
+                  "train without draft_vocab to export for vLLM")
 FORMAT_VERSION = 1
 SQRT2 = 2 ** 0.5
 
@@ -61,10 +74,12 @@ class MLPSpeculatorConfig:
     n_predict: int = DEFAULT_STAGES
     tie_weights: bool = False
     scale_input: bool = False
+    draft_vocab_size: int = 0  # head rows; 0: the whole vocabulary
 
     def __post_init__(self):
         if self.inner_dim == 0:
             object.__setattr__(self, "inner_dim", self.emb_dim)
+        object.__setattr__(self, "draft_vocab_size", draft_vocab_rows(self.vocab_size, self.draft_vocab_size))
         if self.n_predict < 1 or self.inner_dim < 1:
             raise ValueError(f"n_predict and inner_dim must be >= 1, got {self.n_predict}, {self.inner_dim}")
         if self.tie_weights and self.n_predict < 2:
@@ -96,13 +111,11 @@ class MLPSpeculator(StepModel):
     """The stages of an MLP speculator (see the module docstring); parameter names are vLLM's."""
 
     def __init__(self, config: MLPSpeculatorConfig):
-        super().__init__()
-        self.config = config
-        n, inner, vocab = config.n_predict, config.inner_dim, config.vocab_size
-        self.num_steps = n
+        super().__init__(config, config.n_predict)
+        n, inner, vocab, rows = config.n_predict, config.inner_dim, config.vocab_size, config.draft_vocab_size
         if config.tie_weights:
             emb, tied_proj = nn.Embedding(vocab, inner), nn.Linear(inner, inner, bias=False)
-            head, norm = nn.Linear(inner, vocab, bias=False), SpeculatorNorm(inner, affine=True)
+            head, norm = nn.Linear(inner, rows, bias=False), SpeculatorNorm(inner, affine=True)
             self.emb = nn.ModuleList([emb] * n)
             self.proj = nn.ModuleList([nn.Linear(config.emb_dim, inner, bias=False)] + [tied_proj] * (n - 1))
             self.head = nn.ModuleList([head] * n)
@@ -111,7 +124,7 @@ class MLPSpeculator(StepModel):
             self.emb = nn.ModuleList(nn.Embedding(vocab, inner) for _ in range(n))
             self.proj = nn.ModuleList(nn.Linear(config.emb_dim if i == 0 else inner, inner, bias=False)
                                       for i in range(n))
-            self.head = nn.ModuleList(nn.Linear(inner, vocab, bias=False) for _ in range(n))
+            self.head = nn.ModuleList(nn.Linear(inner, rows, bias=False) for _ in range(n))
             self.ln = nn.ModuleList(SpeculatorNorm(inner, affine=True) for _ in range(n))
         self.ln0 = SpeculatorNorm(config.emb_dim, affine=False) if config.scale_input else None
         self.state_weight = 0.5 ** (0.5 / n)
@@ -119,10 +132,6 @@ class MLPSpeculator(StepModel):
         for module in self.modules():  # IBM's initialization
             if isinstance(module, (nn.Embedding, nn.Linear)):
                 nn.init.normal_(module.weight, 0.0, 1 / math.sqrt(inner))
-
-    @property
-    def vocab_map(self) -> Tensor | None:
-        return None
 
     def start(self, hidden: Tensor) -> Tensor:
         return self.ln0(hidden) / SQRT2 if self.ln0 is not None else hidden
@@ -141,8 +150,8 @@ class MLPSpeculatorDrafter(StepDrafter):
     kind = NAME
 
     def export(self, out_dir: Path, tokenizer_dir: str | Path | None = None) -> None:
-        """vLLM's MLP speculator layout (see the module docstring) plus the target's tokenizer."""
-        save_mlp_speculator(self.model, out_dir)
+        """vLLM's MLP speculator layout (lkspec's with draft_vocab: see the module docstring) plus the tokenizer."""
+        write_mlp_speculator(self.model, out_dir)
         save_tokenizer(tokenizer_dir, out_dir)
 
     def reload(self, model_dir: Path, dtype: torch.dtype) -> MLPSpeculatorDrafter:
@@ -150,9 +159,11 @@ class MLPSpeculatorDrafter(StepDrafter):
 
 
 def export_config(config: MLPSpeculatorConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of an MLP speculator export: vLLM's MLPSpeculatorConfig keys plus our `lkspec` block."""
+    """config.json of an MLP speculator export: vLLM's MLPSpeculatorConfig keys plus our `lkspec` block
+    (lkspec's own architecture and truncated_vocab_size for a reduced draft vocabulary)."""
+    truncated = config.draft_vocab_size < config.vocab_size
     return {
-        "architectures": [ARCHITECTURE],
+        "architectures": [TRUNCATED_ARCHITECTURE if truncated else ARCHITECTURE],
         "model_type": "mlp_speculator",
         "vocab_size": config.vocab_size,
         "emb_dim": config.emb_dim,
@@ -162,26 +173,37 @@ def export_config(config: MLPSpeculatorConfig, dtype: torch.dtype) -> dict[str, 
         "n_candidates": 1,
         "tie_weights": config.tie_weights,
         "scale_input": config.scale_input,
+        **({"truncated_vocab_size": config.draft_vocab_size} if truncated else {}),
         "torch_dtype": str(dtype).removeprefix("torch."),
         "lkspec": {"format": NAME, "format_version": FORMAT_VERSION,
                    "input": "the target's final hidden state (after the final norm) at position t and token "
-                            "t + 1; stage n (1-based) predicts token t + n + 1"},
+                            "t + 1; stage n (1-based) predicts token t + n + 1",
+                   **({"vllm": f"not loadable: {NO_VLLM_LAYOUT}"} if truncated else {})},
     }
 
 
 def export_tensors(model: MLPSpeculator) -> dict[str, Tensor]:
-    """Every distinct parameter under its first name (vLLM's named_parameters: tied stages once)."""
-    return dict(model.named_parameters())
+    """Every distinct parameter under its first name (vLLM's named_parameters: tied stages once), and token_map."""
+    return {**dict(model.named_parameters()), **token_map(model)}
 
 
 def save_mlp_speculator(model: MLPSpeculator, out_dir: str | Path) -> None:
-    """Write `model` as an MLP speculator directory (config.json + model.safetensors)."""
+    """Write `model` in vLLM's MLP speculator layout (ExportFormatError for a reduced draft vocabulary)."""
+    if model.vocab_map is not None:
+        raise ExportFormatError(f"an MLP speculator with draft_vocab={model.config.draft_vocab_size} has no vLLM "
+                                f"layout: {NO_VLLM_LAYOUT}")
+    write_mlp_speculator(model, out_dir)
+
+
+def write_mlp_speculator(model: MLPSpeculator, out_dir: str | Path) -> None:
+    """Write `model` as an MLP speculator directory: vLLM's layout, lkspec's for a reduced draft vocabulary."""
     write_export(Path(out_dir), export_config(model.config, next(model.parameters()).dtype), export_tensors(model))
 
 
 def is_mlp_speculator_dir(path: str | Path) -> bool:
-    """Whether path holds an MLP speculator export (config.json naming MLPSpeculatorPreTrainedModel, and weights)."""
-    return read_export_config(Path(path), (ARCHITECTURE,)) is not None
+    """Whether path holds an MLP speculator (config.json naming MLPSpeculatorPreTrainedModel or
+    LkspecMLPSpeculator, and weights)."""
+    return read_export_config(Path(path), (ARCHITECTURE, TRUNCATED_ARCHITECTURE)) is not None
 
 
 def read_config(model_dir: str | Path) -> MLPSpeculatorConfig:
@@ -192,7 +214,8 @@ def read_config(model_dir: str | Path) -> MLPSpeculatorConfig:
         return MLPSpeculatorConfig(emb_dim=int(data["emb_dim"]), vocab_size=int(data["vocab_size"]),
                                    inner_dim=int(data.get("inner_dim") or 0), n_predict=int(data["n_predict"]),
                                    tie_weights=bool(data.get("tie_weights", False)),
-                                   scale_input=bool(data.get("scale_input", False)))
+                                   scale_input=bool(data.get("scale_input", False)),
+                                   draft_vocab_size=int(data.get("truncated_vocab_size") or 0))
     except KeyError as exc:
         raise ExportFormatError(f"{path}: missing key {exc} (not an MLP speculator config)") from None
     except (TypeError, ValueError) as exc:
@@ -202,8 +225,9 @@ def read_config(model_dir: str | Path) -> MLPSpeculatorConfig:
 def load_mlp_speculator(model_dir: str | Path) -> MLPSpeculator:
     """Load an MLP speculator directory into an fp32 MLPSpeculator in eval mode (tensors checked by name and shape)."""
     model = MLPSpeculator(read_config(model_dir))
-    parameters = export_tensors(model)
-    tensors = read_export(Path(model_dir), {name: tuple(p.shape) for name, p in parameters.items()})
+    tensors = read_export(Path(model_dir), {name: tuple(t.shape) for name, t in export_tensors(model).items()})
+    load_token_map(model, tensors, model_dir)
+    parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, parameter in parameters.items():
             parameter.copy_(tensors[name])
@@ -211,35 +235,33 @@ def load_mlp_speculator(model_dir: str | Path) -> MLPSpeculator:
 
 
 class MLPSpeculatorFamily(LastStateFamily):
-    """`--drafter mlp[:stages=,inner=,tie=,scale_input=]` (η = 3 by default)."""
+    """`--drafter mlp[:stages=,inner=,tie=,scale_input=,draft_vocab=]` (η = 3 by default)."""
 
     name = NAME
     title = "MLP speculator"
-    example = "mlp:stages=6,inner=256"
+    example = "mlp:stages=6,inner=256,draft_vocab=8192"
     reads = "MLP speculators read the target's final hidden state per position"
+    init_embeddings = False
     options = OPTIONS
     model_class = MLPSpeculator
+    config_class = MLPSpeculatorConfig
+    drafter_class = MLPSpeculatorDrafter
 
     def resolve(self, drafter: str, context: SpecContext) -> DrafterSpec:
         options = self.parse(drafter)
-        hidden = int(context.features["last"]["dim"])
-        if context.target_config is not None and hidden != context.target_config.hidden_size:
-            from cache import CacheMismatchError
-
-            raise CacheMismatchError(f"the cache's last feature has dimension {hidden}, the target's hidden "
-                                     f"size is {context.target_config.hidden_size}")
-        try:
-            config = MLPSpeculatorConfig(emb_dim=hidden, vocab_size=context.vocab_size,
-                                         inner_dim=options.get("inner", 0),
-                                         n_predict=options.get("stages", DEFAULT_STAGES),
-                                         tie_weights=options.get("tie", False),
-                                         scale_input=options.get("scale_input", False))
-        except ValueError as exc:
-            raise DrafterError(f"--drafter mlp: {exc}") from None
-        return DrafterSpec(kind=NAME, label=drafter, source="config", hf_config=asdict(config))
-
-    def build(self, spec: DrafterSpec) -> MLPSpeculatorDrafter:
-        return MLPSpeculatorDrafter(MLPSpeculator(MLPSpeculatorConfig(**spec.hf_config)).float().train())
+        if context.init_embeddings:
+            warn("--init-embeddings-from target does not apply to MLP speculators (their embeddings and heads "
+                 "start at random, IBM's initialization); ignored")
+        spec = self.make_spec(drafter, dict(emb_dim=self.last_width(context), vocab_size=context.vocab_size,
+                                            inner_dim=options.get("inner", 0),
+                                            n_predict=options.get("stages", DEFAULT_STAGES),
+                                            tie_weights=options.get("tie", False),
+                                            scale_input=options.get("scale_input", False)),
+                              self.draft_vocab(options, context))
+        if spec.draft_vocab is not None:
+            warn(f"--drafter {drafter}: the run's model/ will be in lkspec's own layout, which vLLM does not load: "
+                 f"{NO_VLLM_LAYOUT}")
+        return spec
 
     def is_export(self, path: Path) -> bool:
         return is_mlp_speculator_dir(path)

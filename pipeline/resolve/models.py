@@ -11,7 +11,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.profiles import CHUNKED_MODELS, ChunkedGGUF, ensure_gguf
+from pipeline.resolve.chunked import CHUNKED_MODELS, ChunkedGGUF, ensure_gguf
+from pipeline.resolve.home import lkspec_home, sha256_file
 
 EMBEDDED_MODELS: dict[str, tuple[str, str] | ChunkedGGUF] = {
     # alias -> (installed package that ships the GGUF, file name inside the package)
@@ -33,20 +34,6 @@ class ResolvedModel:
     spec: str
     path: Path
     identity: dict  # {"config_sha256", "weights_sha256", "source"}
-
-
-def lkspec_home() -> Path:
-    """Where converted models and fetched data live (`$LKSPEC_HOME`, default ~/.cache/lkspec)."""
-    return Path(os.environ.get("LKSPEC_HOME", Path.home() / ".cache" / "lkspec"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def embedded_gguf_path(alias: str) -> Path:

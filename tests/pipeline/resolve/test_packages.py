@@ -1,5 +1,5 @@
 """Finding a pinned distribution's archive among others with similar names (no network)."""
-from pipeline.packages import find_archive
+from pipeline.resolve.packages import find_archive
 
 
 def test_find_archive_matches_name_and_version_exactly(tmp_path):
