@@ -163,5 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m pipeline.cli`: run the imported module's main, so nothing in it loads twice
+    from pipeline.cli import main as imported_main
+
+    sys.exit(imported_main())
