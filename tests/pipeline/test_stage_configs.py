@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.bench_job import BenchConfig
 from pipeline.build import BuildConfig
-from pipeline.cli import CliError, _leaf_parsers, build_parser, config_file_defaults, parse_with_config
+from pipeline.cli import _leaf_parsers, build_parser, config_file_defaults, parse_with_config
+from pipeline.cli_error import CliError
 from pipeline.demo import DemoConfig
 from pipeline.profiles import DEMO_PROFILES
 from pipeline.stages import StageConfig
