@@ -20,11 +20,6 @@ helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
 
 
-@pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    return helpers.make_tiny_target(tiny_llama_dir, tmp_path_factory.mktemp("target"))
-
-
 @pytest.mark.parametrize("drafter", ["medusa", "mlp:stages=2"])
 def test_a_cache_without_the_last_feature_is_refused_with_the_command_that_builds_one(drafter, target_dir,
                                                                                        tmp_path):
@@ -33,24 +28,6 @@ def test_a_cache_without_the_last_feature_is_refused_with_the_command_that_build
     with pytest.raises(CacheMismatchError, match=r"has no 'last' feature column \(features: none\): .*final hidden "
                                                  r"state.*lkspec cache build --target .* --features last"):
         plan_run(config)
-
-
-@pytest.fixture(scope="module")
-def last_cache(ray_address, target_dir, tmp_path_factory) -> Path:
-    """A real `cache build --features last` of the tiny target over 32 conversations of a small word set."""
-    from pipeline.build import BuildConfig, run_build
-
-    words = "the cat sat on a mat and ran far away from home to see a bird sing about rivers".split()
-    rng = np.random.default_rng(0)
-    data = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
-        {"role": "user", "content": " ".join(rng.choice(words, 6))},
-        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(20, 50))))}]}) + "\n"
-        for i in range(32)))
-    outcome = run_build(BuildConfig(target=str(target_dir), data=str(data), out=tmp_path_factory.mktemp("caches"),
-                                    k=8, max_length=256, shard_size=8, workers=1, threads=1, features=("last",),
-                                    progress=False))
-    return outcome.path
 
 
 @pytest.mark.parametrize("argv, eta", [(["--drafter", "medusa"], 10.0), (["--drafter", "mlp"], 3.0),
@@ -65,14 +42,15 @@ def test_eta_defaults_to_the_drafter_familys(argv, eta, tmp_path):
 
 
 @pytest.mark.slow
-def test_medusa_and_mlp_train_from_a_last_cache_and_decode_exactly(last_cache, target_dir, tmp_path):
-    """One sweep (one worker group) trains both families; one bench decodes with both at T = 0."""
+def test_medusa_and_mlp_train_from_a_last_cache_and_decode_exactly(hidden_state_cache, target_dir, tmp_path):
+    """One sweep (one worker group) trains both families from the shared `aux,last` cache (conftest.py);
+    one bench decodes with both at T = 0."""
     from pipeline.bench_job import BenchConfig, run_bench
     from pipeline.train_job import train_sweep
 
     drafters = {"medusa": ("medusa:heads=3,draft_vocab=256", 10.0),
                 "mlp": ("mlp:stages=3,inner=48,draft_vocab=512", 3.0)}  # both over reduced vocabularies
-    configs = [TrainConfig(cache=str(last_cache), out=str(tmp_path / "runs"), drafter=drafter, loss="lk_lambda",
+    configs = [TrainConfig(cache=str(hidden_state_cache), out=str(tmp_path / "runs"), drafter=drafter, loss="lk_lambda",
                            workers=1, steps=12, warmup=2, lr=3e-3, batch_tokens=512, eval_every=6,
                            eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0)
                for drafter, _ in drafters.values()]

@@ -331,6 +331,7 @@ def tiny_study(ray_address, tiny_llama_dir, tmp_path_factory):
     config = StudyConfig(
         out=root / "out", target=str(tiny_llama_dir), data=str(_write_conversations(root / "data.jsonl", 24)),
         conversations=24, max_length=128, drafters=FAMILIES, steps=2, batch_tokens=256, warmup=0, seeds=(0, 1),
+        workers=1,  # one Ray worker per stage: a study's multi-worker training is tested in test_train_job
         heldout_fraction=0.25, eval_sequences=8, losses=("kl", "lk_lambda"), k=8, topk_ks=(8,), tails=("bucket",),
         bench=(str(prompts),), bench_limit=3, temperatures=(0.0, 1.0), draft_k=3, max_new_tokens=6, resamples=300,
         address=ray_address, progress=False)

@@ -26,11 +26,6 @@ TINY_DRAFTER = {"layers": 1, "hidden": 64, "heads": 2, "kv_heads": 2, "intermedi
 
 
 @pytest.fixture(scope="module")
-def target_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    return helpers.make_tiny_target(tiny_llama_dir, tmp_path_factory.mktemp("target"))
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory, target_dir) -> Path:
     return helpers.build_cache(tmp_path_factory.mktemp("caches"), target_dir, helpers.random_sequences(48))
 
@@ -149,12 +144,25 @@ def test_online_target_must_be_the_cache_target(tmp_path, cache_dir, tiny_llama_
 
 
 # -------------------------------------------------------------------- training on Ray (slow)
+ZERO3 = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
+
+
 @pytest.fixture(scope="module")
-def zero2_run(ray_address, cache_dir, tmp_path_factory) -> Path:
+def two_worker_runs(ray_address, cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """One sweep, so one worker group of two: 24 steps of KL under ZeRO-2 (alone in its directory), then
+    under ZeRO-3 8 steps in full and the same run stopped after step 5 (the ZeRO-3 test resumes it)."""
+    zero2_out, zero3_out = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("zero3-runs")
+    zero2, full, part = train_sweep([_config(cache_dir, zero2_out, steps=24, eval_every=8, checkpoint_every=12),
+                                     _config(cache_dir, zero3_out, run_name="full", **ZERO3),
+                                     _config(cache_dir, zero3_out, run_name="part", stop_after=5, **ZERO3)],
+                                    progress=False)
+    return {"zero2": zero2, "full": full, "part": part}
+
+
+@pytest.fixture(scope="module")
+def zero2_run(two_worker_runs) -> Path:
     """Two workers, ZeRO-2, 24 steps of KL."""
-    out = tmp_path_factory.mktemp("runs")
-    [run_dir] = train_sweep([_config(cache_dir, out, steps=24, eval_every=8, checkpoint_every=12)], progress=False)
-    return run_dir
+    return two_worker_runs["zero2"]
 
 
 @pytest.mark.slow
@@ -247,16 +255,14 @@ def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_addre
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_logs_the_same_losses_zero3(ray_address, cache_dir, tmp_path):
-    common = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
-    full, part = train_sweep([_config(cache_dir, tmp_path, run_name="full", **common),
-                              _config(cache_dir, tmp_path, run_name="part", stop_after=5, **common)], progress=False)
+def test_stopped_and_resumed_run_logs_the_same_losses_zero3(two_worker_runs, cache_dir):
+    full, part = two_worker_runs["full"], two_worker_runs["part"]
     assert read_run(part)["status"] == "stopped" and len(read_metrics(part)) == 5
     # As if killed after logging step 5 but before its checkpoint: resume from step 4, redo step 5.
     checkpoints = part / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000005"
     (checkpoints / "latest").write_text("step-00000004")
-    [part] = train_sweep([_config(cache_dir, tmp_path, run_name="part", resume=True, **common)], progress=False)
+    [part] = train_sweep([_config(cache_dir, part.parent, run_name="part", resume=True, **ZERO3)], progress=False)
     full_losses = [m["loss"] for m in read_metrics(full)]
     part_losses = [m["loss"] for m in read_metrics(part)]
     assert len(part_losses) == 8
@@ -285,35 +291,18 @@ def test_bad_eagle3_options_fail_before_ray_naming_the_option(tmp_path, capsys, 
     assert message in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def aux_cache(ray_address, target_dir, tmp_path_factory) -> Path:
-    """A real `cache build --features aux` of the tiny target over 32 conversations of a small word set."""
-    from pipeline.build import BuildConfig, run_build
-
-    words = "the cat sat on a mat and ran far away from home to see a bird sing about rivers".split()
-    rng = np.random.default_rng(0)
-    data = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
-        {"role": "user", "content": " ".join(rng.choice(words, 6))},
-        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(20, 50))))}]}) + "\n"
-        for i in range(32)))
-    outcome = run_build(BuildConfig(target=str(target_dir), data=str(data), out=tmp_path_factory.mktemp("aux-caches"),
-                                    k=8, max_length=256, shard_size=8, workers=1, threads=1, features=("aux",),
-                                    progress=False))
-    return outcome.path
-
-
 @pytest.mark.slow
-def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(aux_cache, tmp_path):
+def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(hidden_state_cache, tmp_path):
+    """From the shared `aux,last` cache (conftest.py): EAGLE-3 reads its `aux` column only."""
     from cache import open_cache
     from trainer.drafters.eagle3.export import is_eagle3_dir, load_eagle3
 
-    code = main(["train", "--cache", str(aux_cache), "--out", str(tmp_path), "--loss", "kl,lk_lambda",
+    code = main(["train", "--cache", str(hidden_state_cache), "--out", str(tmp_path), "--loss", "kl,lk_lambda",
                  "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16", "--warmup", "2",
                  "--lr", "3e-3", "--batch-tokens", "512", "--eval-every", "4", "--eval-sequences", "8",
                  "--heldout-fraction", "0.15", "--no-progress"])
     assert code == 0
-    aux = open_cache(aux_cache).manifest["features"]["aux"]
+    aux = open_cache(hidden_state_cache).manifest["features"]["aux"]
     for run_dir in sorted(tmp_path.iterdir()):
         run = read_run(run_dir)
         assert run["status"] == "done" and run["drafter"]["kind"] == "eagle3" and run["drafter"]["draft_vocab"] == 256
