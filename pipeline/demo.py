@@ -94,7 +94,7 @@ def stage_configs(config: DemoConfig) -> tuple[BuildConfig, list[TrainConfig], B
     build_config.validate()
     train_base = config.run_config(
         drafter, cache="<cache>", warmup=min(100, config.steps // 10), eval_every=max(1, config.steps // 3),
-        seed=config.seed, init_embeddings_from=None if pretrained else "target")  # a pretrained drafter keeps its own
+        seed=config.seed, pretrained=pretrained)
     train_configs = sweep_configs(train_base, list(config.losses))  # validates each
     bench_config = config.bench_config(["<drafter>"], config.temperatures, "report", dtype=config.bench_dtype,
                                        seed=config.seed)

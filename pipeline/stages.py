@@ -81,13 +81,20 @@ class StageConfig:
                            shard_size=16,  # small shards: steady progress and even load over the workers
                            features=features)
 
-    def run_config(self, drafter: str, **settings) -> TrainConfig:
-        """A run of `drafter` for `steps` (ZeRO-2, checkpointed at its end, resumed when rerun); `settings` on top."""
-        from trainer.config import TrainConfig
+    def run_config(self, drafter: str, *, pretrained: bool = False, **settings) -> TrainConfig:
+        """A run of `drafter` for `steps` (ZeRO-2, checkpointed at its end, resumed when rerun); `settings` on top.
 
+        The drafter starts from the target's embeddings / LM head when its family takes them (not the MLP
+        speculator's) and it is not a `pretrained` model, which keeps its own.
+        """
+        from trainer.config import TrainConfig
+        from trainer.drafters import family_for
+
+        takes_target = not pretrained and family_for(drafter).init_embeddings
         return TrainConfig(out=str(self.root() / "runs"), drafter=drafter, steps=self.steps, workers=self.workers,
                            zero=2, dtype=self.dtype, lr=self.lr, batch_tokens=self.batch_tokens,
-                           checkpoint_every=self.steps, resume=True, **settings)
+                           checkpoint_every=self.steps, resume=True,
+                           init_embeddings_from="target" if takes_target else None, **settings)
 
     def bench_config(self, drafters: list[str], temperatures: tuple[float, ...], name: str, *, dtype: str,
                      seed: int = 0) -> BenchConfig:

@@ -99,12 +99,9 @@ class StudyConfig(StageConfig):
     def train_config(self, drafter: str, cache: str, k: int, loss: str, seed: int, tail: str, *,
                      online: bool = False):
         """One run of `drafter` from the top-k `cache` (its token ids only when online), named by what it computes."""
-        from trainer.drafters import family_for
-
         what = "online" if online else f"k{k}-{tail}"
         return self.run_config(
             drafter, cache=cache, loss=loss,
-            init_embeddings_from="target" if family_for(drafter).init_embeddings else None,  # mlp takes nothing
             run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}", warmup=self.warmup, tail=tail, seed=seed,
             target_source="online" if online else "cache", heldout_fraction=self.heldout_fraction,
             eval_sequences=self.eval_sequences, eval_every=0)

@@ -118,3 +118,11 @@ def test_demo_yaml_spells_out_the_demo_preset_of_the_shared_stage_config():
 def test_every_profile_names_only_declared_demo_settings():
     names = {item.name for item in declared(DemoConfig)}
     assert all(set(profile) <= names for profile in DEMO_PROFILES.values())
+
+
+def test_the_demo_hands_the_target_only_to_families_that_take_something_from_it():
+    from pipeline.demo import DemoConfig, stage_configs
+
+    flags = {drafter: stage_configs(DemoConfig(drafter=drafter))[1][0].init_embeddings_from
+             for drafter in ("tiny", "medusa:heads=1", "mlp:stages=2")}
+    assert flags == {"tiny": "target", "medusa:heads=1": "target", "mlp:stages=2": None}
