@@ -1,4 +1,8 @@
-"""`lkspec train` end to end on a local Ray cluster with real DeepSpeed (CPU, gloo), plus the driver's refusals."""
+"""`lkspec train` end to end on a local Ray cluster with real DeepSpeed (CPU, gloo), plus the driver's refusals.
+
+The slow tests read runs of one sweep (`two_worker_runs`): every family and ZeRO stage they check trains in
+one worker group, which starts once.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -145,24 +149,68 @@ def test_online_target_must_be_the_cache_target(tmp_path, cache_dir, tiny_llama_
 
 # -------------------------------------------------------------------- training on Ray (slow)
 ZERO3 = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
+EAGLE3 = "eagle3:draft_vocab=256,steps=3"
+EAGLE3_FLAGS = ["--loss", "kl,lk_lambda", "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16",
+                "--warmup", "2", "--lr", "3e-3", "--batch-tokens", "512", "--eval-every", "4", "--eval-sequences", "8",
+                "--heldout-fraction", "0.15", "--no-progress"]
+STATE_DRAFTERS = {"medusa": ("medusa:heads=3,draft_vocab=256", 10.0),  # family: (drafter, its default eta)
+                  "mlp": ("mlp:stages=3,inner=48,draft_vocab=512", 3.0)}  # both over reduced vocabularies
 
 
 @pytest.fixture(scope="module")
-def two_worker_runs(ray_address, cache_dir, tmp_path_factory) -> dict[str, Path]:
-    """One sweep, so one worker group of two: 24 steps of KL under ZeRO-2 (alone in its directory), then
-    under ZeRO-3 8 steps in full and the same run stopped after step 5 (the ZeRO-3 test resumes it)."""
-    zero2_out, zero3_out = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("zero3-runs")
-    zero2, full, part = train_sweep([_config(cache_dir, zero2_out, steps=24, eval_every=8, checkpoint_every=12),
-                                     _config(cache_dir, zero3_out, run_name="full", **ZERO3),
-                                     _config(cache_dir, zero3_out, run_name="part", stop_after=5, **ZERO3)],
-                                    progress=False)
-    return {"zero2": zero2, "full": full, "part": part}
+def hidden_state_cache(ray_address, target_dir, tmp_path_factory) -> Path:
+    """A real `cache build --features aux,last` of the tiny target over 32 conversations of a small word set.
+
+    EAGLE-3 reads its `aux` column; MEDUSA and the MLP speculator read `last`.
+    """
+    from pipeline.build import BuildConfig, run_build
+
+    words = "the cat sat on a mat and ran far away from home to see a bird sing about rivers".split()
+    rng = np.random.default_rng(0)
+    data = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
+        {"role": "user", "content": " ".join(rng.choice(words, 6))},
+        {"role": "assistant", "content": " ".join(rng.choice(words, int(rng.integers(20, 50))))}]}) + "\n"
+        for i in range(32)))
+    outcome = run_build(BuildConfig(target=str(target_dir), data=str(data),
+                                    out=tmp_path_factory.mktemp("hidden-state-caches"), k=8, max_length=256,
+                                    shard_size=8, workers=1, threads=1, features=("aux", "last"), progress=False))
+    return outcome.path
+
+
+@pytest.fixture(scope="module")
+def two_worker_runs(ray_address, cache_dir, hidden_state_cache, tmp_path_factory) -> dict[str, list[Path]]:
+    """The runs of the slow tests below, trained in one sweep: one worker group of two (one TorchTrainer start
+    where a group per test started four); each test's runs in a directory of their own.
+
+    zero2: 24 steps of KL under ZeRO-2. zero3: 8 steps under ZeRO-3 in full, and the same run stopped after
+    step 5 (the ZeRO-3 test resumes it). eagle3: the two runs `lkspec train --cache <aux,last cache> EAGLE3_FLAGS`
+    plans. state: MEDUSA and the MLP speculator from the same cache's `last` column.
+    """
+    from pipeline.cli import build_parser, parse_with_config
+    from pipeline.cli_train import configs_from_args
+
+    out = {name: tmp_path_factory.mktemp(f"{name}-runs") for name in ("zero2", "zero3", "eagle3", "state")}
+    eagle3_args = parse_with_config(build_parser(), ["train", "--cache", str(hidden_state_cache),
+                                                     "--out", str(out["eagle3"]), *EAGLE3_FLAGS])
+    groups = {
+        "zero2": [_config(cache_dir, out["zero2"], steps=24, eval_every=8, checkpoint_every=12)],
+        "zero3": [_config(cache_dir, out["zero3"], run_name="full", **ZERO3),
+                  _config(cache_dir, out["zero3"], run_name="part", stop_after=5, **ZERO3)],
+        "eagle3": configs_from_args(eagle3_args),
+        "state": [TrainConfig(cache=str(hidden_state_cache), out=str(out["state"]), drafter=drafter, loss="lk_lambda",
+                              workers=2, steps=12, warmup=2, lr=3e-3, batch_tokens=512, eval_every=6,
+                              eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0)
+                  for drafter, _ in STATE_DRAFTERS.values()],
+    }
+    run_dirs = iter(train_sweep([config for configs in groups.values() for config in configs], progress=False))
+    return {name: [next(run_dirs) for _ in configs] for name, configs in groups.items()}
 
 
 @pytest.fixture(scope="module")
 def zero2_run(two_worker_runs) -> Path:
     """Two workers, ZeRO-2, 24 steps of KL."""
-    return two_worker_runs["zero2"]
+    return two_worker_runs["zero2"][0]
 
 
 @pytest.mark.slow
@@ -256,7 +304,7 @@ def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_addre
 
 @pytest.mark.slow
 def test_stopped_and_resumed_run_logs_the_same_losses_zero3(two_worker_runs, cache_dir):
-    full, part = two_worker_runs["full"], two_worker_runs["part"]
+    full, part = two_worker_runs["zero3"]
     assert read_run(part)["status"] == "stopped" and len(read_metrics(part)) == 5
     # As if killed after logging step 5 but before its checkpoint: resume from step 4, redo step 5.
     checkpoints = part / "checkpoints"
@@ -272,9 +320,6 @@ def test_stopped_and_resumed_run_logs_the_same_losses_zero3(two_worker_runs, cac
 
 
 # ------------------------------------------------------------------------------- EAGLE-3
-EAGLE3 = "eagle3:draft_vocab=256,steps=3"
-
-
 def test_eagle3_refuses_a_cache_without_aux_features_saying_how_to_build_one(tmp_path, cache_dir):
     with pytest.raises(CacheMismatchError, match="has no 'aux' feature column .*lkspec cache build --target .* "
                                                  "--features aux"):
@@ -292,18 +337,14 @@ def test_bad_eagle3_options_fail_before_ray_naming_the_option(tmp_path, capsys, 
 
 
 @pytest.mark.slow
-def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(hidden_state_cache, tmp_path):
-    """From the shared `aux,last` cache (conftest.py): EAGLE-3 reads its `aux` column only."""
+def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(two_worker_runs, hidden_state_cache):
+    """The sweep `lkspec train ... EAGLE3_FLAGS` plans, from the `aux,last` cache: EAGLE-3 reads `aux` only."""
     from cache import open_cache
     from trainer.drafters.eagle3.export import is_eagle3_dir, load_eagle3
 
-    code = main(["train", "--cache", str(hidden_state_cache), "--out", str(tmp_path), "--loss", "kl,lk_lambda",
-                 "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16", "--warmup", "2",
-                 "--lr", "3e-3", "--batch-tokens", "512", "--eval-every", "4", "--eval-sequences", "8",
-                 "--heldout-fraction", "0.15", "--no-progress"])
-    assert code == 0
     aux = open_cache(hidden_state_cache).manifest["features"]["aux"]
-    for run_dir in sorted(tmp_path.iterdir()):
+    assert [read_run(d)["loss"] for d in two_worker_runs["eagle3"]] == ["kl", "lk_lambda"]
+    for run_dir in two_worker_runs["eagle3"]:
         run = read_run(run_dir)
         assert run["status"] == "done" and run["drafter"]["kind"] == "eagle3" and run["drafter"]["draft_vocab"] == 256
         metrics = read_metrics(run_dir)
@@ -322,3 +363,35 @@ def test_eagle3_sweep_trains_from_an_aux_cache_and_exports_a_loadable_drafter(hi
         config = json.loads((model_dir / "config.json").read_text())
         assert config["eagle_aux_hidden_state_layer_ids"] == aux["layers"]
         assert config["target_hidden_size"] * 3 == aux["dim"]
+
+
+# ------------------------------------------------------------- MEDUSA and the MLP speculator
+@pytest.mark.slow
+def test_medusa_and_mlp_train_from_a_last_cache_and_decode_exactly(two_worker_runs, target_dir, tmp_path):
+    """Both families train from the cache's `last` column (in the shared sweep); one bench decodes with both, T = 0."""
+    from pipeline.bench_job import BenchConfig, run_bench
+    from trainer.drafters import family, family_of_dir
+
+    run_dirs = two_worker_runs["state"]
+    for run_dir, (kind, (_, eta)) in zip(run_dirs, STATE_DRAFTERS.items()):
+        assert run_dir.name.startswith(f"{kind}-lk_lambda-")
+        run = read_run(run_dir)
+        assert run["status"] == "done" and run["drafter"]["kind"] == kind and run["config"]["eta"] == eta
+        metrics = read_metrics(run_dir)
+        assert all(len(m["alpha"]) == 3 and len(m["lam"]) == 3 for m in metrics)
+        losses = [m["loss"] for m in metrics]
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (kind, losses)
+        assert run["export_check"]["steps"] == 3
+        assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
+        assert family_of_dir(run_dir / "model") is family(kind)
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["the cat sat", "a bird sang about"]))
+    out = run_bench(BenchConfig(target=str(target_dir), drafters=[str(d) for d in run_dirs],
+                                benchmarks=[str(prompts)], temperatures=[0.0], k=4, max_new_tokens=16, workers=1,
+                                out=tmp_path / "report", progress=False))
+    report = json.loads((out / "report.json").read_text())
+    assert [d["kind"] for d in report["drafters"]] == list(STATE_DRAFTERS)
+    assert len(report["results"]) == 2
+    for row in report["results"]:
+        assert row["greedy_mismatches"] == 0 and row["drafted"] > 0  # lossless at T = 0, and it did draft
