@@ -68,7 +68,7 @@ def jobs_head():
         processes = {q for p in roots for q in [p, *_children(p)]}
         for process in processes:
             process.terminate()
-        _, alive = psutil.wait_procs(list(processes), timeout=10)
+        _, alive = psutil.wait_procs(list(processes), timeout=3)  # what outlives SIGTERM this long is killed
         for process in alive:
             process.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
