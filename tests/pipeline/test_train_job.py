@@ -1,7 +1,8 @@
 """`lkspec train` end to end on a local Ray cluster with real DeepSpeed (CPU, gloo), plus the driver's refusals.
 
-The slow tests read runs of one sweep (`two_worker_runs`): every family and ZeRO stage they check trains in
-one worker group, which starts once.
+The slow tests read runs of one sweep (`two_worker_runs`): every family, ZeRO stage and target source they
+check trains in one worker group, which starts once; `lkspec train` itself runs end to end in the ZeRO-3
+test, which resumes a run of that sweep.
 """
 from __future__ import annotations
 
@@ -148,7 +149,12 @@ def test_online_target_must_be_the_cache_target(tmp_path, cache_dir, tiny_llama_
 
 
 # -------------------------------------------------------------------- training on Ray (slow)
-ZERO3 = dict(zero=3, steps=8, eval_every=4, checkpoint_every=4)
+TINY_FLAGS = ["--drafter", "tiny", "--drafter-config", "layers=1,hidden=64,heads=2,kv_heads=2,intermediate=128",
+              "--workers", "2", "--lr", "3e-3", "--warmup", "2", "--batch-tokens", "192", "--eval-sequences", "8",
+              "--heldout-fraction", "0.1"]  # the drafter and optimizer settings of _config
+ZERO3_FLAGS = [*TINY_FLAGS, "--zero", "3", "--steps", "8", "--eval-every", "4", "--checkpoint-every", "4"]
+ONLINE_FLAGS = [*TINY_FLAGS, "--loss", "lk_lambda,lk_alpha", "--zero", "1", "--steps", "4", "--eval-every", "0",
+                "--target-source", "online"]  # the target model runs in each worker
 EAGLE3 = "eagle3:draft_vocab=256,steps=3"
 EAGLE3_FLAGS = ["--loss", "kl,lk_lambda", "--drafter", EAGLE3, "--workers", "2", "--zero", "2", "--steps", "16",
                 "--warmup", "2", "--lr", "3e-3", "--batch-tokens", "512", "--eval-every", "4", "--eval-sequences", "8",
@@ -178,26 +184,39 @@ def hidden_state_cache(ray_address, target_dir, tmp_path_factory) -> Path:
     return outcome.path
 
 
-@pytest.fixture(scope="module")
-def two_worker_runs(ray_address, cache_dir, hidden_state_cache, tmp_path_factory) -> dict[str, list[Path]]:
-    """The runs of the slow tests below, trained in one sweep: one worker group of two (one TorchTrainer start
-    where a group per test started four); each test's runs in a directory of their own.
-
-    zero2: 24 steps of KL under ZeRO-2. zero3: 8 steps under ZeRO-3 in full, and the same run stopped after
-    step 5 (the ZeRO-3 test resumes it). eagle3: the two runs `lkspec train --cache <aux,last cache> EAGLE3_FLAGS`
-    plans. state: MEDUSA and the MLP speculator from the same cache's `last` column.
-    """
+def _cli_configs(cache: Path, out: Path, flags: list[str]) -> list[TrainConfig]:
+    """The runs `lkspec train --cache CACHE --out OUT FLAGS` plans."""
     from pipeline.cli import build_parser, parse_with_config
     from pipeline.cli_train import configs_from_args
 
-    out = {name: tmp_path_factory.mktemp(f"{name}-runs") for name in ("zero2", "zero3", "eagle3", "state")}
-    eagle3_args = parse_with_config(build_parser(), ["train", "--cache", str(hidden_state_cache),
-                                                     "--out", str(out["eagle3"]), *EAGLE3_FLAGS])
+    return configs_from_args(parse_with_config(build_parser(), ["train", "--cache", str(cache), "--out", str(out),
+                                                                *flags]))
+
+
+@pytest.fixture(scope="module")
+def cache_before_training(cache_dir) -> dict[str, tuple[int, int]]:
+    """Size and mtime of every file of the cache before the module's runs train from it."""
+    return _snapshot(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def two_worker_runs(ray_address, cache_dir, cache_before_training, hidden_state_cache,
+                    tmp_path_factory) -> dict[str, list[Path]]:
+    """The runs of the slow tests below, trained in one sweep: one worker group of two (one TorchTrainer start
+    where a group per test started five); each test's runs in a directory of their own.
+
+    zero2: 24 steps of KL under ZeRO-2. zero3: `lkspec train ZERO3_FLAGS` in full (run `full`), and stopped
+    after step 5 (run `part`, which the ZeRO-3 test resumes). online: the two runs `lkspec train ONLINE_FLAGS`
+    plans. eagle3: those of `lkspec train --cache <aux,last cache> EAGLE3_FLAGS`. state: MEDUSA and the MLP
+    speculator from the same cache's `last` column.
+    """
+    out = {name: tmp_path_factory.mktemp(f"{name}-runs") for name in ("zero2", "zero3", "online", "eagle3", "state")}
     groups = {
         "zero2": [_config(cache_dir, out["zero2"], steps=24, eval_every=8, checkpoint_every=12)],
-        "zero3": [_config(cache_dir, out["zero3"], run_name="full", **ZERO3),
-                  _config(cache_dir, out["zero3"], run_name="part", stop_after=5, **ZERO3)],
-        "eagle3": configs_from_args(eagle3_args),
+        "zero3": [*_cli_configs(cache_dir, out["zero3"], [*ZERO3_FLAGS, "--run-name", "full"]),
+                  *_cli_configs(cache_dir, out["zero3"], [*ZERO3_FLAGS, "--run-name", "part", "--stop-after", "5"])],
+        "online": _cli_configs(cache_dir, out["online"], ONLINE_FLAGS),
+        "eagle3": _cli_configs(hidden_state_cache, out["eagle3"], EAGLE3_FLAGS),
         "state": [TrainConfig(cache=str(hidden_state_cache), out=str(out["state"]), drafter=drafter, loss="lk_lambda",
                               workers=2, steps=12, warmup=2, lr=3e-3, batch_tokens=512, eval_every=6,
                               eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0)
@@ -276,25 +295,19 @@ def test_heldout_json_holds_the_per_sequence_sums_of_the_last_evaluation(zero2_r
 
 
 @pytest.mark.slow
-def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_address, cache_dir, tmp_path, capsys):
-    """`lkspec train --loss lk_lambda,lk_alpha` under ZeRO-1, the target model running online in each worker."""
-    before = _snapshot(cache_dir)
-    code = main(["train", "--cache", str(cache_dir), "--out", str(tmp_path), "--loss", "lk_lambda,lk_alpha",
-                 "--drafter", "tiny", "--drafter-config", "layers=1,hidden=64,heads=2,kv_heads=2,intermediate=128",
-                 "--zero", "1", "--workers", "2", "--steps", "4", "--warmup", "2", "--lr", "3e-3",
-                 "--batch-tokens", "192", "--eval-every", "0", "--eval-sequences", "8", "--heldout-fraction", "0.1",
-                 "--target-source", "online"])
-    assert code == 0
-    out, err = capsys.readouterr()
-    assert _snapshot(cache_dir) == before
-    run_dirs = sorted(tmp_path.iterdir())
+def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(two_worker_runs, cache_dir,
+                                                                       cache_before_training):
+    """`lkspec train ONLINE_FLAGS`: LK^α and LK^λ under ZeRO-1, the target model running online in each worker.
+
+    The cache is as it was before the module's sweep, whose runs all read it.
+    """
+    assert _snapshot(cache_dir) == cache_before_training
+    run_dirs = sorted(two_worker_runs["online"])
     runs = [read_run(d) for d in run_dirs]
     assert [r["loss"] for r in runs] == ["lk_alpha", "lk_lambda"] and all(r["status"] == "done" for r in runs)
     assert {r["cache"]["key"] for r in runs} == {cache_dir.name}
-    assert all(r["target_source"] == "online" for r in runs)
-    for run_dir in run_dirs:
-        assert run_dir.name in out and "4/4" in out  # the closing table
-    assert "4/4" in err  # the progress bars
+    assert all(r["target_source"] == "online" and r["zero"] == 1 for r in runs)
+    assert all(r["steps_done"] == r["total_steps"] == 4 for r in runs)
     lam = [m["lam"][0] for m in read_metrics(run_dirs[1])]
     assert all(0 < x <= 1 for x in lam)
     assert all(m["lam"] is None for m in read_metrics(run_dirs[0]))
@@ -303,14 +316,21 @@ def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(ray_addre
 
 
 @pytest.mark.slow
-def test_stopped_and_resumed_run_logs_the_same_losses_zero3(two_worker_runs, cache_dir):
+def test_stopped_and_resumed_run_logs_the_same_losses_zero3(two_worker_runs, cache_dir, capsys):
+    """Run `part` of the sweep, stopped after step 5, resumed by `lkspec train ... --resume` (end to end:
+    its progress bar and closing table) logs the losses of run `full`."""
     full, part = two_worker_runs["zero3"]
     assert read_run(part)["status"] == "stopped" and len(read_metrics(part)) == 5
     # As if killed after logging step 5 but before its checkpoint: resume from step 4, redo step 5.
     checkpoints = part / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000005"
     (checkpoints / "latest").write_text("step-00000004")
-    [part] = train_sweep([_config(cache_dir, part.parent, run_name="part", resume=True, **ZERO3)], progress=False)
+    code = main(["train", "--cache", str(cache_dir), "--out", str(part.parent), *ZERO3_FLAGS, "--run-name", "part",
+                 "--resume"])
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert "part" in out and "8/8" in out and "full" not in out  # the closing table: the resumed run
+    assert "8/8" in err  # the progress bar
     full_losses = [m["loss"] for m in read_metrics(full)]
     part_losses = [m["loss"] for m in read_metrics(part)]
     assert len(part_losses) == 8
