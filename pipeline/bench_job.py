@@ -206,6 +206,8 @@ def _check_tokenizers(target_path: Path, drafters: list[BenchedDrafter]):
     target's); when it has none, its vocabulary size is checked against the target's instead
     (`_check_drafter_targets`).
     """
+    from transformers import AutoConfig
+
     from pipeline.resolve.models import tokenizer_fingerprint
 
     target_tokenizer = _load_tokenizer(target_path, "target")
@@ -213,7 +215,9 @@ def _check_tokenizers(target_path: Path, drafters: list[BenchedDrafter]):
     for drafter in drafters:
         if drafter.kind != "independent" and not any((drafter.path / name).is_file() for name in TOKENIZER_FILES):
             continue
-        drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}"))
+        # An export's config.json is no Hugging Face model config: its tokenizer is read with the target's.
+        config = None if drafter.kind == "independent" else AutoConfig.from_pretrained(target_path)
+        drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}", config))
         if drafter_sha != target_sha:
             raise ConfigError(
                 f"drafter {drafter.name!r} ({drafter.path}) has a different tokenizer than the target "
@@ -260,11 +264,11 @@ def _check_vocab_sizes(target_path: Path, drafters: list[BenchedDrafter]) -> Non
                                    f"{drafter.path} has vocab_size {drafter_vocab}")
 
 
-def _load_tokenizer(path: Path, what: str):
+def _load_tokenizer(path: Path, what: str, config=None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, config=config)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"{what} at {path} has no loadable tokenizer files: {exc}") from exc
 

@@ -237,12 +237,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.destroy_process_group()
 
 
+def skip_shm_comm_build(deepspeed) -> None:
+    """Keep DeepSpeed from compiling its shared-memory C++ op (`deepspeed_shm_comm`) on a CPU.
+
+    DeepSpeed builds it on its first process group (29-160 s of g++ on 2 cores, redone whenever another
+    environment's build replaced the one in ~/.cache/torch_extensions), but only its
+    `inference_all_reduce` uses it; training reduces through torch.distributed (gloo here).
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     """Train (or resume) the planned run on this rank of an initialized process group."""
     import deepspeed
 
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    skip_shm_comm_build(deepspeed)
     config = plan.config
     run_dir = Path(plan.run_dir)
     started = time.time()

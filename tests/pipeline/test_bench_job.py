@@ -156,6 +156,32 @@ def test_eagle3_export_without_tokenizer_is_accepted(tiny_llama_dir, eagle3_run,
         run_bench(config(tiny_llama_dir, [export, eagle3_run], tmp_path))
 
 
+def test_an_exports_tokenizer_is_checked_without_reading_its_config_as_a_model_config(tiny_llama_dir, tmp_path):
+    import logging
+
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.resolve.models import tokenizer_fingerprint
+    from trainer.drafters.medusa import MedusaConfig, MedusaModel, save_medusa
+
+    target = AutoConfig.from_pretrained(tiny_llama_dir)
+    export = tmp_path / "medusa-export"  # config.json: model_type "medusa", which transformers does not know
+    save_medusa(MedusaModel(MedusaConfig(hidden_size=target.hidden_size, vocab_size=target.vocab_size, num_heads=1)),
+                export)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(export)
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    transformers_logging.get_logger("transformers").addHandler(handler)
+    try:
+        tokenizer = bench_job._check_tokenizers(tiny_llama_dir, [bench_job.resolve_drafter(str(export))])
+    finally:
+        transformers_logging.get_logger("transformers").removeHandler(handler)
+    assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(bench_job._load_tokenizer(tiny_llama_dir, "t"))
+    assert not [m for m in messages if "instantiate a model of type" in m], messages
+
+
 def test_cli_turns_refusals_into_cli_errors(tiny_llama_dir, tmp_path, no_ray):
     from pipeline import cli_bench
 
