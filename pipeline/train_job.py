@@ -23,8 +23,8 @@ from pipeline.ray_session import ray_session
 from trainer.config import RESUMABLE_CHANGES, ConfigError, RunPlan, TrainConfig, flag
 from trainer.data import DataError, LoaderSpec, count_epoch_batches, heldout_split, scan_index
 from trainer.drafters import Family, SpecContext, family_for
-from trainer.rundir import (METRICS, PLAN_JSON, driver_record, iter_metrics, read_run, run_status, update_run,
-                            write_json)
+from trainer.rundir import (METRICS, PLAN_JSON, driver_record, iter_metrics, read_run, run_status, trim_metrics,
+                            update_run, write_json)
 
 
 class TrainingError(RuntimeError):
@@ -302,8 +302,7 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
     if any(plan.config.workers != workers for plan in todo):
         raise ConfigError("runs trained together must use the same number of workers")
     use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
-    for plan in todo:
-        prepare_run_dir(plan, use_gpu)
+    starts = [prepare_run_dir(plan, use_gpu) for plan in todo]
     first = Path(todo[0].run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -313,7 +312,7 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
         run_config=RunConfig(name=f"{first.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(first / "ray"), failure_config=FailureConfig(max_failures=0)),
     )
-    watcher = _ProgressBar(todo) if progress else None
+    watcher = _ProgressBar(todo, starts) if progress else None
     try:
         trainer.fit()
     except Exception as exc:  # Ray wraps the worker's exception; keep its message
@@ -332,22 +331,36 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
             raise TrainingError(f"run {Path(plan.run_dir).name}: the workers exited without finishing it")
 
 
-def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> None:
-    """Write plan.json and the static part of run.json (status pending) before the workers start."""
+def start_step(plan: RunPlan) -> int:
+    """The step the run's workers start from: its newest checkpoint's under --resume, else 0."""
+    from trainer.checkpoint import CHECKPOINTS_DIR, latest_step
+
+    return latest_step(Path(plan.run_dir) / CHECKPOINTS_DIR) if plan.config.resume else 0
+
+
+def prepare_run_dir(plan: RunPlan, use_gpu: bool) -> int:
+    """Write plan.json and the static part of run.json (status pending) before the workers start.
+
+    Returns the step the workers start from; metrics.jsonl keeps only the lines up to it (a run
+    interrupted before its first checkpoint starts over with an empty log, not the old run's lines).
+    """
     run_dir, config = Path(plan.run_dir), plan.config
+    start = start_step(plan)
     run_dir.mkdir(parents=True, exist_ok=True)
+    trim_metrics(run_dir, start)
     write_json(run_dir / PLAN_JSON, plan.to_dict())
     update_run(
         run_dir, name=run_dir.name, status="pending", loss=config.loss, run_dir=str(run_dir),
         cache={"path": plan.cache_path, "key": plan.cache_key, "k": plan.k},
         drafter=_drafter_summary(plan.drafter), target_source=config.target_source, tail=config.tail,
-        total_steps=plan.total_steps, driver=driver_record(),
+        total_steps=plan.total_steps, steps_done=start, driver=driver_record(),
         config=config.to_dict(), world_size=config.workers, zero=config.zero, use_gpu=use_gpu,
         dtype=config.resolved_dtype("cuda" if use_gpu else "cpu", warn=True),  # the workers record theirs too
         heldout={"fraction": config.heldout_fraction, "num_heldout": plan.num_heldout_sequences,
                  "num_train": plan.num_train_sequences, "eval_sequences": len(plan.eval_ids)},
         error=None,
     )
+    return start
 
 
 def _drafter_summary(drafter: dict[str, Any]) -> dict[str, Any]:
@@ -357,27 +370,29 @@ def _drafter_summary(drafter: dict[str, Any]) -> dict[str, Any]:
 
 
 class _ProgressBar:
-    """Driver-side tqdm bars, one per run in turn, fed by tailing each run's metrics.jsonl (rank 0 writes it)."""
+    """Driver-side tqdm bars, one per run in turn, fed by tailing each run's metrics.jsonl (rank 0 writes it).
 
-    def __init__(self, plans: list[RunPlan]):
-        self.plans = plans
+    Each bar opens at the step its run starts from (prepare_run_dir: the last checkpoint's, 0 without one).
+    """
+
+    def __init__(self, plans: list[RunPlan], starts: list[int]):
+        self.plans = list(zip(plans, starts))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        for plan in self.plans:
-            if not self._follow(plan):
+        for plan, start in self.plans:
+            if not self._follow(plan, start):
                 return
 
-    def _follow(self, plan: RunPlan) -> bool:
+    def _follow(self, plan: RunPlan, start: int) -> bool:
         """Show one run until it ends; False when asked to stop first."""
         from tqdm import tqdm
 
         run_dir = Path(plan.run_dir)
         total = min(plan.total_steps, plan.config.stop_after or plan.total_steps)
-        shown = max((r.get("step", 0) for r in iter_metrics(run_dir / METRICS)), default=0) \
-            if plan.config.resume else 0
+        shown = start
         bar = tqdm(total=total, initial=shown, desc=run_dir.name, unit="step", file=sys.stderr, dynamic_ncols=True)
         last_eval: dict[str, Any] | None = None
         try:

@@ -35,6 +35,12 @@ def latest_tag(checkpoint_dir: Path) -> str | None:
     return tag if (Path(checkpoint_dir) / tag).is_dir() else None
 
 
+def latest_step(checkpoint_dir: Path) -> int:
+    """The optimizer step of the newest complete checkpoint (what a resumed run continues from), 0 if none."""
+    tag = latest_tag(checkpoint_dir)
+    return int(tag.rsplit("-", 1)[1]) if tag else 0
+
+
 @dataclass
 class Restored:
     """What a resumed worker continues from."""

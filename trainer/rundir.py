@@ -104,11 +104,24 @@ def iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
             return  # a torn last line (the writer was killed mid-write)
 
 
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl's lines after `step` (and a torn last line), atomically; no file, nothing to do.
+
+    A run resumed at step s (its last checkpoint's, 0 without one) keeps only what led to that
+    checkpoint, so the log always reads as one uninterrupted run.
+    """
+    from cache.atomic import atomic_write
+
+    path = Path(run_dir) / METRICS
+    if path.exists():
+        kept = [r for r in iter_metrics(path) if r.get("step", 0) <= step]
+        atomic_write(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept).encode())
+
+
 class MetricsLogger:
     """Rank 0's per-step log: one JSON line per step in metrics.jsonl, scalars to TensorBoard.
 
-    Resuming at step s first drops any line after s (written after the checkpoint the run resumes
-    from), so the log always reads as one uninterrupted run.
+    Resuming at step s first drops any line after s (trim_metrics).
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0):
@@ -116,15 +129,12 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir = Path(run_dir)
-        path = run_dir / METRICS
-        kept = [r for r in iter_metrics(path) if r.get("step", 0) <= resume_step]
-        from cache.atomic import atomic_write
-
-        atomic_write(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept).encode())
-        self.file = open(path, "a")
+        trim_metrics(run_dir, resume_step)
+        self.file = open(run_dir / METRICS, "a")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        # events after the resumed step (a run that starts over: all of them) are hidden from TensorBoard
+        self.tensorboard = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -16,10 +16,11 @@ import torch
 
 from cache import CacheMismatchError
 from pipeline.cli import main
-from pipeline.train_job import default_run_name, list_runs, plan_run, sweep_configs, train_sweep
+from pipeline.train_job import (_ProgressBar, default_run_name, list_runs, plan_run, prepare_run_dir, sweep_configs,
+                                train_sweep)
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import DataError
-from trainer.rundir import read_metrics, read_run
+from trainer.rundir import read_metrics, read_run, update_run
 
 # The tiny-cache builder lives with the trainer tests; load it as a plain module.
 _spec = importlib.util.spec_from_file_location("trainer_cache_helpers",
@@ -128,6 +129,31 @@ def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir
     with pytest.raises(ConfigError, match=r"different settings \(--lr 0.003 -> 0.001\)"):
         plan_run(_config(cache_dir, tmp_path, resume=True, lr=1e-3))
     assert plan_run(_config(cache_dir, tmp_path, resume=True, stop_after=3)).run_dir == plan.run_dir
+
+
+def test_a_rerun_starts_from_the_last_checkpoint_with_its_log_and_progress_bar_to_match(tmp_path, cache_dir, capsys):
+    config = dict(steps=120, checkpoint_every=120)
+    first = plan_run(_config(cache_dir, tmp_path, **config))
+    run_dir = Path(first.run_dir)
+    prepare_run_dir(first, use_gpu=False)
+    old_log = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in range(1, 90)) + '{"step": 9'
+    (run_dir / "metrics.jsonl").write_text(old_log)  # killed at step 89 (mid-write), before its first checkpoint
+    resumed = plan_run(_config(cache_dir, tmp_path, resume=True, **config))
+    assert prepare_run_dir(resumed, use_gpu=False) == 0  # no checkpoint: training starts over
+    assert read_metrics(run_dir) == [] and read_run(run_dir)["steps_done"] == 0
+
+    (run_dir / "checkpoints" / "step-00000050").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000050")
+    (run_dir / "metrics.jsonl").write_text(old_log)
+    assert prepare_run_dir(resumed, use_gpu=False) == 50
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 51))
+    assert read_run(run_dir)["steps_done"] == 50
+    capsys.readouterr()
+    update_run(run_dir, status="stopped")  # the bar follows a run until it ends
+    bar = _ProgressBar([resumed], [50])
+    bar.stop()
+    err = capsys.readouterr().err
+    assert " 50/120 " in err and "89/120" not in err
 
 
 def test_the_cache_target_is_found_from_the_build_stats_and_verified(tmp_path, target_dir, tiny_llama_dir):
