@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster stop), prints one line naming the command that resumes it, and returns 130 / 143.
     """
     from pipeline.interrupts import Interrupted, SignalLog, interrupt_message
+    from trainer.notices import warnings_once
     from trainer.settings import ConfigError
 
     parser = build_parser()
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     with SignalLog() as signals:
         try:
             args = parse_with_config(parser, argv)
-            status = int(args.func(args) or 0)
+            with warnings_once():  # a warning about each of a sweep's runs is printed once
+                status = int(args.func(args) or 0)
         except CliError as exc:
             error, status = exc, 2
         except ConfigError as exc:  # a setting refused where no command turned it into a CliError

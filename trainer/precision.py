@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
+
+from trainer import notices
 
 DTYPES = ("fp32", "bf16")  # what a resolved dtype can be
 DTYPE_CHOICES = ("auto", *DTYPES)  # what a user may ask for
@@ -105,7 +106,7 @@ def resolve_dtype(requested: str, device, *, warn: bool = True) -> str:
     if requested == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if requested == "bf16" and warn and torch.device(device).type == "cpu" and not native_bf16(device):
-        print(f"lkspec: warning: {emulation_note(device)}; --dtype auto picks fp32 here", file=sys.stderr, flush=True)
+        notices.warn(f"{emulation_note(device)}; --dtype auto picks fp32 here")
     return requested
 
 
@@ -123,8 +124,7 @@ def bench_precision(requested: str, device, *, allow_emulated: bool = False) -> 
         if not allow_emulated:
             raise PrecisionError(f"refusing to time an emulated path: {emulation_note(device)}. Use --dtype auto "
                                  f"or fp32, or pass {ALLOW_EMULATED_FLAG} to time it anyway")
-        print(f"lkspec: warning: timing an emulated path ({ALLOW_EMULATED_FLAG}): {emulation_note(device)}",
-              file=sys.stderr, flush=True)
+        notices.warn(f"timing an emulated path ({ALLOW_EMULATED_FLAG}): {emulation_note(device)}")
     return {"dtype": dtype, "requested": requested, "device": str(device), "cpu_capability": cpu_capability(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native,
             "emulated": dtype == "bf16" and not native}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cache import CacheMismatchError
+from pipeline.cli import main
 from pipeline.train_job import plan_run
 from trainer.config import TrainConfig
 
@@ -40,3 +41,17 @@ def test_eta_defaults_to_the_drafter_familys(argv, eta, tmp_path):
     args = build_parser().parse_args(["train", "--cache", str(tmp_path), "--out", str(tmp_path), *argv])
     [config] = configs_from_args(args)
     assert config.eta == eta
+
+
+def test_a_sweep_of_truncated_mlp_runs_says_once_that_vllm_cannot_load_them(target_dir, tmp_path, capsys):
+    cache = helpers.build_cache(tmp_path / "caches", target_dir, helpers.random_sequences(8), num_shards=1, last=True)
+    runs = tmp_path / "runs"
+    (runs / "sweep-lk_alpha").mkdir(parents=True)
+    (runs / "sweep-lk_alpha" / "run.json").write_text('{"status": "done"}')  # planning stops at the third run
+    drafter = "mlp:stages=2,draft_vocab=64"
+    code = main(["train", "--cache", str(cache), "--out", str(runs), "--drafter", drafter, "--loss", "kl,tv,lk_alpha",
+                 "--run-name", "sweep", "--steps", "2", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sweep-lk_alpha already holds a run (done)" in err  # all three runs were planned
+    assert err.count(f"lkspec: warning: --drafter {drafter}: every run's model/ will be in lkspec's own layout, "
+                     "which vLLM does not load") == 1

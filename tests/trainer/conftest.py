@@ -43,8 +43,11 @@ def random_sequences(num: int, *, seed: int = 0, token_range=(1000, 1400), lengt
 
 def build_cache(out: Path, target_dir: Path, sequences, *, num_shards: int = 4, k: int = TINY_K,
                 tokenizer_sha256: str | None = None, vocab_size: int | None = None,
-                record_target_path: bool = True) -> Path:
-    """Write a complete cache from a real forward of target_dir over `sequences` (exact top-k of log_softmax)."""
+                record_target_path: bool = True, last: bool = False) -> Path:
+    """Write a complete cache from a real forward of target_dir over `sequences` (exact top-k of log_softmax).
+
+    last: also store the `last` feature column (the final hidden state), as `cache build --features last`.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,21 +61,25 @@ def build_cache(out: Path, target_dir: Path, sequences, *, num_shards: int = 4, 
     records = []
     with torch.no_grad():
         for sample_id, ids, mask in sequences:
-            logprobs = model(torch.from_numpy(ids.astype(np.int64))[None]).logits[0].log_softmax(-1)  # [T, V]
+            output = model(torch.from_numpy(ids.astype(np.int64))[None], output_hidden_states=last)
+            logprobs = output.logits[0].log_softmax(-1)  # [T, V]
             positions = np.flatnonzero(mask[1:]) + 1
             top = logprobs[torch.from_numpy(positions - 1)].topk(k, dim=-1)  # sorted, descending
             records.append(SequenceRecord(sample_id=sample_id, input_ids=ids, loss_mask=mask,
                                           topk_ids=top.indices.numpy().astype(np.int32),
-                                          topk_logprobs=top.values.numpy().astype(np.float32)))
+                                          topk_logprobs=top.values.numpy().astype(np.float32),
+                                          features={"last": output.hidden_states[-1][0].numpy()} if last else {}))
+    features = {"last": {"dim": model.config.hidden_size}} if last else {}
     identity = {"target": resolved.identity, "k": k, "test_sequences": [s for s, _, _ in sequences][:3],
-                "n": len(sequences)}
+                "n": len(sequences), **({"features": sorted(features)} if features else {})}
     if record_target_path:
         identity.update(target_path=str(resolved.path), target_spec=str(target_dir))
     key = content_key(identity)
     cache_dir = out / key
     manifest = create_manifest(cache_dir, key=key, identity=identity, k=k, vocab_size=vocab_size,
-                               tokenizer_sha256=tokenizer_sha256, features={}, num_shards_planned=num_shards)
-    writer = CacheWriter(cache_dir, k=k, vocab_size=vocab_size)
+                               tokenizer_sha256=tokenizer_sha256, features=features, num_shards_planned=num_shards)
+    writer = CacheWriter(cache_dir, k=k, vocab_size=vocab_size, features=tuple(features),
+                         feature_dims={name: spec["dim"] for name, spec in features.items()})
     for shard in range(num_shards):
         manifest.record_shard(writer.write_shard(shard, records[shard::num_shards]))
     manifest.finalize()

@@ -74,7 +74,7 @@ def test_the_flags_it_cannot_honour_are_said_not_dropped(tiny_cache, capsys):
                                        "initialization); ignored\n")
     resolve("mlp:stages=2,draft_vocab=64", open_cache(tiny_cache))
     assert capsys.readouterr().err == (
-        "lkspec: warning: --drafter mlp:stages=2,draft_vocab=64: the run's model/ will be in lkspec's own layout, "
+        "lkspec: warning: --drafter mlp:stages=2,draft_vocab=64: every run's model/ will be in lkspec's own layout, "
         "which vLLM does not load: vLLM's MLPSpeculator has no token map (its heads span the whole vocabulary); "
         "train without draft_vocab to export for vLLM\n")
 

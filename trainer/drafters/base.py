@@ -12,7 +12,6 @@ target row whose predicting position is p is scored by step n at row t = p − n
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -142,11 +141,6 @@ class SpecContext:
         if self.draft_vocabulary is None:
             raise DrafterError(f"{flag}: a draft vocabulary needs the cache's targets")
         return self.draft_vocabulary(size)
-
-
-def warn(message: str) -> None:
-    """One `lkspec: warning: ...` line on stderr (the driver resolves specs, so the user sees it)."""
-    print(f"lkspec: warning: {message}", file=sys.stderr, flush=True)
 
 
 def require_target(context: SpecContext, why: str):

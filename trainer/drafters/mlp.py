@@ -49,9 +49,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.drafters.base import (DrafterSpec, ExportFormatError, SpecContext, read_export, read_export_config,
-                                   read_json, save_tokenizer, warn, write_export)
+                                   read_json, save_tokenizer, write_export)
 from trainer.drafters.last_state import (LastStateFamily, StepDrafter, StepModel, draft_vocab_rows, load_token_map,
                                          token_map)
+from trainer.notices import warn  # the driver resolves specs, so the user sees it
 
 NAME = "mlp"
 OPTIONS = ("stages", "inner", "tie", "scale_input", "draft_vocab")
@@ -259,7 +260,7 @@ class MLPSpeculatorFamily(LastStateFamily):
                                             scale_input=options.get("scale_input", False)),
                               self.draft_vocab(options, context))
         if spec.draft_vocab is not None:
-            warn(f"--drafter {drafter}: the run's model/ will be in lkspec's own layout, which vLLM does not load: "
+            warn(f"--drafter {drafter}: every run's model/ will be in lkspec's own layout, which vLLM does not load: "
                  f"{NO_VLLM_LAYOUT}")
         return spec
 
