@@ -1,13 +1,21 @@
-"""Benchmark report: per-prompt decoding records -> report.json, report.md and PNG plots."""
+"""Benchmark report: per-prompt decoding records -> report.json, report.md and PNG plots.
+
+Every file is committed atomically (cache.atomic), report.json last: a report.json that reads is a
+finished report, whatever killed an earlier attempt.
+"""
 from __future__ import annotations
 
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
 
+from cache.atomic import atomic_write
+
 BASELINE = "baseline"  # drafter name of the target decoding alone
 ALL = "all"  # benchmark name of the rows aggregated over every benchmark
 PLOTS = ("tau_by_domain.png", "acceptance_by_position.png")
+REPORT_JSON = "report.json"
 
 
 def summarize(records: list[dict], *, drafters: list[str], k: int) -> dict:
@@ -91,13 +99,30 @@ def _prompt_row(record: dict) -> dict:
 
 
 def write_report(report: dict, out: Path) -> None:
-    """Write report.json, report.md and the PNG plots into `out`."""
+    """Write report.md, the PNG plots and, last, report.json into `out`, each atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    atomic_write(out / "report.md", markdown(report).encode())
     plot_tau(report["results"], out / PLOTS[0])
     plot_acceptance(report["overall"], out / PLOTS[1])
+    atomic_write(out / REPORT_JSON, (json.dumps(report, indent=1, default=str) + "\n").encode())
+
+
+def read_report(out: Path) -> dict | None:
+    """The report in `out`, or None when it has none; an unreadable report.json is None too, with a warning."""
+    from trainer.notices import warn
+
+    path = Path(out) / REPORT_JSON
+    try:
+        report = json.loads(path.read_text())
+        if not isinstance(report, dict):
+            raise ValueError(f"a JSON {type(report).__name__}, not an object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # e.g. truncated by a process killed before writes were atomic
+        warn(f"{path} is unreadable ({type(exc).__name__}: {exc}): the benchmark is not finished, running it again")
+        return None
+    return report
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -182,9 +207,7 @@ def plot_tau(results: list[dict], path: Path) -> None:
     ax.set_ylabel("τ (tokens per target forward)")
     ax.set_title("Acceptance length by domain")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_acceptance(overall: list[dict], path: Path) -> None:
@@ -205,6 +228,15 @@ def plot_acceptance(overall: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title("Acceptance by draft position")
     ax.legend(fontsize=8)
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> None:
+    """Lay out, write atomically and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(Path(path), png.getvalue())

@@ -255,10 +255,11 @@ BENCH_KEYS = ("target", "drafters", "benchmarks", "limit", "temperatures", "k", 
 
 def _reusable_report(bench) -> dict | None:
     """The existing report in bench.out when it was made with the same drafters and settings."""
-    path = Path(bench.out) / "report.json"
-    if not path.is_file():
+    from eval.report import read_report
+
+    report = read_report(bench.out)
+    if report is None:
         return None
-    report = json.loads(path.read_text())
     wanted = json.loads(json.dumps({key: getattr(bench, key) for key in BENCH_KEYS}, default=str))
     found = {key: report.get("config", {}).get(key) for key in BENCH_KEYS}
     return report if found == wanted else None

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from eval.report import PLOTS, markdown, summarize, write_report
+from eval.report import PLOTS, markdown, read_report, summarize, write_report
 from eval.speculative import derive_taus, new_stats
 
 
@@ -83,6 +83,31 @@ def test_report_files(records, tmp_path):
     assert "| mt-bench (n=1) | 0.50× (2.0 vs 4.0) |" in text
     assert "| lk | 0 | 0.39 | 0.43 |" in text
     assert "lk: 1 prompt(s) differ from target greedy" in text
+
+
+def test_report_json_is_committed_last_so_an_unfinished_report_has_none(records, tmp_path):
+    report = summarize(records, drafters=["lk"], k=2)
+    (tmp_path / PLOTS[1]).mkdir()  # the last plot cannot be written: the report stops there
+    with pytest.raises(OSError):
+        write_report(report, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.md", *PLOTS])  # no report.json, no temp file
+    assert read_report(tmp_path) is None
+    (tmp_path / PLOTS[1]).rmdir()
+    write_report(report, tmp_path)
+    assert read_report(tmp_path) == json.loads(json.dumps(report, default=str))
+
+
+def test_an_unreadable_report_is_not_finished_and_says_which_file(records, tmp_path, capsys):
+    write_report(summarize(records, drafters=["lk"], k=2), tmp_path)
+    whole = (tmp_path / "report.json").read_bytes()
+    for broken in (whole[:len(whole) // 2], b"[1, 2]\n", b""):  # killed mid-write (before writes were atomic), ...
+        (tmp_path / "report.json").write_bytes(broken)
+        assert read_report(tmp_path) is None
+        err = capsys.readouterr().err
+        assert err.startswith(f"lkspec: warning: {tmp_path / 'report.json'} is unreadable (") and err.count("\n") == 1
+        assert err.endswith("the benchmark is not finished, running it again\n")
+    (tmp_path / "report.json").unlink()
+    assert read_report(tmp_path) is None and capsys.readouterr().err == ""  # no report yet: nothing to say
 
 
 def test_a_difference_at_a_near_tie_is_counted_apart_and_does_not_fail(records):

@@ -276,6 +276,20 @@ def test_config_file_keys_are_checked(tmp_path, capsys, no_ray):
     assert "bad value for key 'steps'" in capsys.readouterr().err
 
 
+def test_a_bench_report_left_unreadable_is_run_again_not_reused(tmp_path, capsys):
+    from pipeline.bench_job import BenchConfig
+
+    bench = BenchConfig(target="smollm2-135m", drafters=["runs/kl"], out=tmp_path / "bench-kl")
+    bench.out.mkdir()
+    report = {"config": {key: getattr(bench, key) for key in study_module.BENCH_KEYS}}
+    text = json.dumps(report, default=str)
+    (bench.out / "report.json").write_text(text)
+    assert study_module._reusable_report(bench) == json.loads(text)  # finished, same settings: reused
+    (bench.out / "report.json").write_text(text[:40])  # a truncated report (the process was killed mid-write)
+    assert study_module._reusable_report(bench) is None
+    assert f"{bench.out / 'report.json'} is unreadable" in capsys.readouterr().err
+
+
 def test_shipped_study_config_is_the_default_budget():
     from pipeline.cli_study import config_from_args
 
