@@ -173,11 +173,10 @@ def _settings_sha256(config: BenchConfig, target, drafters: list[BenchedDrafter]
 
 def _is_finished(out: Path, settings: str) -> bool:
     """Whether out holds a complete report of these settings (report.json and every file written with it)."""
-    from eval.report import PLOTS
+    from eval.report import PLOTS, read_report
 
-    try:
-        report = json.loads((out / "report.json").read_text())
-    except (OSError, ValueError):
+    report = read_report(out)  # None when missing, or unreadable (with a warning naming it)
+    if report is None:
         return False
     files = ["outputs.jsonl", "report.md", *PLOTS]
     return report.get("settings_sha256") == settings and all((out / name).is_file() for name in files)

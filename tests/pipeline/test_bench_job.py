@@ -263,3 +263,15 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
         greedy_rows = [o for o in outputs if (o["benchmark"], o["index"]) == key and o["temperature"] == 0]
         assert len(greedy_rows) == 4
         assert all(o["output_ids"] == expected for o in greedy_rows), key
+
+
+def test_a_truncated_report_json_is_not_a_finished_bench_and_says_which_file(tmp_path, capsys):
+    from eval.report import PLOTS
+
+    for name in ["outputs.jsonl", "report.md", *PLOTS]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "report.json").write_text('{"settings_sha256": "abc"}')
+    assert bench_job._is_finished(tmp_path, "abc") and not bench_job._is_finished(tmp_path, "other")
+    (tmp_path / "report.json").write_text('{"settings_sha256": "ab')  # a killed writer's half
+    assert not bench_job._is_finished(tmp_path, "abc")
+    assert f"{tmp_path / 'report.json'} is unreadable" in capsys.readouterr().err
