@@ -21,8 +21,8 @@ DEMO_LOSSES = ("kl", "lk_lambda")
 
 
 @dataclass
-@preset(out=Path("lkspec-demo"), conversations=250, losses=DEMO_LOSSES, steps=100, batch_tokens=2048, lr=5e-3,
-        bench_limit=3, draft_k=1, max_new_tokens=64)
+@preset(out=Path("lkspec-demo"), conversations=200, losses=DEMO_LOSSES, steps=80, batch_tokens=2048, lr=5e-3,
+        bench_limit=2, draft_k=1, max_new_tokens=64)
 class DemoConfig(StageConfig):
     """The study's stage sizes as a preset that fits 15 minutes on a 2-core CPU machine, with one drafter.
 
