@@ -177,7 +177,7 @@ def markdown(report: dict) -> str:
     if tied:
         lines += ["", "Near-ties (not failures): " + "; ".join(
             f"{r['drafter']}: {r['greedy_near_ties']} prompt(s) differ first where the target's top-2 logits are "
-            f"within one {config.get('dtype', 'dtype')} rounding step" for r in tied) + "."]
+            f"within two {config.get('dtype', 'dtype')} rounding steps (each rounds by up to one)" for r in tied) + "."]
     lines.append("")
     return "\n".join(lines)
 

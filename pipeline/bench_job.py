@@ -374,7 +374,7 @@ class BenchWorker:
             self.target = load_model(target_path, dtype=dtype, device="cuda" if gpus else "cpu")
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
-        self.dtype = dtype  # the target's: one rounding step of it is the near-tie tolerance at T = 0
+        self.dtype = dtype  # the target's: its rounding step sets the near-tie tolerance at T = 0
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
         self._decode([1, 2, 3], BASELINE, None, 0.0, max_new_tokens=4)  # warm-up before timing
         for name, drafter in self.drafters[1:]:

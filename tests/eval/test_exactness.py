@@ -5,16 +5,17 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.exactness import divergence, first_difference, logit_step
+from eval.exactness import TIE_STEPS, divergence, first_difference, logit_step
 
 PROMPT = [1, 2, 3]
-TIED, TWIN, NEAR, OTHER = 5, 7, 9, 11  # token ids whose lm_head rows the fixture sets
+TIED, TWIN, NEAR, OTHER, TWO_STEPS, THREE_STEPS = 5, 7, 9, 11, 13, 14  # ids whose lm_head rows the fixture sets
 
 
 @pytest.fixture(scope="module")
 def model():
     """A tiny random Llama whose next-token logits after PROMPT are: TIED = TWIN (exact tie, on top),
-    NEAR = top × (1 − 1e-3) (within one bf16 step, far outside fp32's), OTHER and the rest 0."""
+    NEAR = top × (1 − 1e-3) (within one bf16 step, far outside fp32's), TWO_STEPS / THREE_STEPS = top − 1.5 /
+    3.5 bf16 steps at 8 (2^-4 each), OTHER and the rest 0."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
@@ -25,6 +26,8 @@ def model():
         direction = 8.0 * hidden / hidden.norm() ** 2  # top logit = 8
         head[TIED] = head[TWIN] = direction
         head[NEAR] = direction * (1 - 1e-3)
+        head[TWO_STEPS] = direction * (1 - 1.5 * 2.0 ** -4 / 8)
+        head[THREE_STEPS] = direction * (1 - 3.5 * 2.0 ** -4 / 8)
         model.lm_head.weight.copy_(head)
     return model
 
@@ -63,6 +66,16 @@ def test_the_tolerance_is_the_decode_dtypes_rounding(model):
     in_bf16 = divergence(model.to(torch.bfloat16), PROMPT, [TIED], [NEAR], "bf16")
     model.float()
     assert in_bf16["near_tie"] and in_bf16["gap"] <= logit_step("bf16", 8.0)
+
+
+def test_two_logits_each_rounded_by_a_step_can_flip_within_two_steps_not_more(model):
+    assert TIE_STEPS == 2
+    within = divergence(model, PROMPT, [TIED], [TWO_STEPS], "bf16")
+    # (another test rounds the module's weights to bf16 and back: gaps within ±0.3 step of their design)
+    assert within["gap"] == pytest.approx(1.5 * 2.0 ** -4, abs=0.3 * 2.0 ** -4) and within["near_tie"]
+    beyond = divergence(model, PROMPT, [TIED], [THREE_STEPS], "bf16")
+    assert beyond["gap"] == pytest.approx(3.5 * 2.0 ** -4, abs=0.3 * 2.0 ** -4) and not beyond["near_tie"]
+    assert not divergence(model, PROMPT, [TIED], [TWO_STEPS], "fp32")["near_tie"]
 
 
 def test_a_length_difference_is_never_a_near_tie(model):
