@@ -362,6 +362,7 @@ class BenchWorker:
         import torch
 
         from eval import load_drafter
+        from eval.attention import use_grouped_kv_heads_on_cpu
         from eval.report import BASELINE
         from pipeline.resolve.models import load_model
         from pipeline.target_pass import load_placed_model
@@ -372,6 +373,7 @@ class BenchWorker:
                                             max_memory={gpu: max_memory_bytes for gpu in range(gpus)})
         else:
             self.target = load_model(target_path, dtype=dtype, device="cuda" if gpus else "cpu")
+        use_grouped_kv_heads_on_cpu(self.target.device)  # cheaper (K+1)-token verification forwards
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.dtype = dtype  # the target's: its rounding step sets the near-tie tolerance at T = 0
