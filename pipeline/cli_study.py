@@ -56,8 +56,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_stage(runner: Callable, config) -> int:
-    """Run a study or a demo (`runner(config)`), every refusal of a stage as a one-line CliError."""
+    """Run a study or a demo (`runner(config)`), every refusal or failure of a stage as a one-line CliError."""
+    from cache import CacheError
     from trainer.settings import ConfigError
+
+    from pipeline.target_pass import BuildError
+    from pipeline.train_job import TrainingError
 
     try:
         runner(config)
@@ -65,4 +69,6 @@ def run_stage(runner: Callable, config) -> int:
         raise CliError(exc.flag_message()) from None
     except ValueError as exc:  # the stages' other refusals (models, data, drafters) are ValueErrors naming the setting
         raise CliError(str(exc)) from exc
+    except (BuildError, TrainingError, CacheError) as exc:  # e.g. a worker killed by Ray's memory monitor
+        raise CliError(f"{exc} (the same command resumes: finished caches, runs and reports are reused)") from exc
     return 0
