@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pipeline.build import BuildConfig
     from trainer.config import TrainConfig
 
+CHECKPOINTS_PER_RUN = 4  # a study or demo run checkpoints every quarter of its steps
 WHAT, DATA, DRAFTERS, BENCH = ("what to run", "target and cache", "drafters (DeepSpeed ZeRO-2 under Ray Train)",
                                "benchmark and statistics")
 
@@ -82,7 +83,10 @@ class StageConfig:
                            features=features)
 
     def run_config(self, drafter: str, *, pretrained: bool = False, **settings) -> TrainConfig:
-        """A run of `drafter` for `steps` (ZeRO-2, checkpointed at its end, resumed when rerun); `settings` on top.
+        """A run of `drafter` for `steps` (ZeRO-2, resumed when rerun); `settings` on top.
+
+        It checkpoints every quarter of its steps and at its end, so a run killed or interrupted midway (a
+        worker taken by Ray's memory monitor, Ctrl-C) loses at most a quarter of its training when rerun.
 
         The drafter starts from the target's embeddings / LM head when its family takes them (not the MLP
         speculator's) and it is not a `pretrained` model, which keeps its own.
@@ -93,7 +97,7 @@ class StageConfig:
         takes_target = not pretrained and family_for(drafter).init_embeddings
         return TrainConfig(out=str(self.root() / "runs"), drafter=drafter, steps=self.steps, workers=self.workers,
                            zero=2, dtype=self.dtype, lr=self.lr, batch_tokens=self.batch_tokens,
-                           checkpoint_every=self.steps, resume=True,
+                           checkpoint_every=-(-self.steps // CHECKPOINTS_PER_RUN), resume=True,
                            init_embeddings_from="target" if takes_target else None, **settings)
 
     def bench_config(self, drafters: list[str], temperatures: tuple[float, ...], name: str, *, dtype: str,

@@ -126,3 +126,11 @@ def test_the_demo_hands_the_target_only_to_families_that_take_something_from_it(
     flags = {drafter: stage_configs(DemoConfig(drafter=drafter))[1][0].init_embeddings_from
              for drafter in ("tiny", "medusa:heads=1", "mlp:stages=2")}
     assert flags == {"tiny": "target", "medusa:heads=1": "target", "mlp:stages=2": None}
+
+
+def test_a_stage_run_checkpoints_every_quarter_of_its_steps_so_a_killed_run_keeps_most_of_its_work():
+    from pipeline.demo import DemoConfig, stage_configs
+
+    for steps, every in ((80, 20), (120, 30), (10, 3), (1, 1)):
+        train = stage_configs(DemoConfig(steps=steps))[1][0]
+        assert (train.checkpoint_every, train.resume) == (every, True)
