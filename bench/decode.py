@@ -14,7 +14,6 @@ states) has no transformers counterpart: only our decoder's rows are run for it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.result_file import write_result  # noqa: E402
 from pipeline.resolve.prompts import load_prompts  # noqa: E402
 from eval.speculative import speculative_generate  # noqa: E402
 from eval import load_drafter  # noqa: E402
@@ -206,7 +206,6 @@ def main() -> None:
         cpu_ratio = rows[1]["tokens_per_cpu_s"] / rows[3]["tokens_per_cpu_s"]
         print(f"ours speculative / hf assisted: {ratio:.2f}x tokens/s, {cpu_ratio:.2f}x tokens per CPU-second")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "target": args.target, "drafter": drafter_name, "drafter_path": str(drafter_path), "k": args.k,
         "drafter_kind": drafter_kind,
@@ -215,8 +214,7 @@ def main() -> None:
         "transformers": __import__("transformers").__version__, "rows": rows,
         "ours_over_hf_tokens_per_s": ratio, "ours_over_hf_tokens_per_cpu_s": cpu_ratio,
     }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+from bench.result_file import write_result  # noqa: E402
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MEASURE_KS = (1, 8, 16, 32, 64, 128, 256)
@@ -193,9 +195,7 @@ def main() -> None:
         result = {**header, **validate(args)}
         print(f"max |error| {100 * result['max_abs_error']:.1f}% (goal <= 15%)")
     out = args.out or ROOT / "bench" / "results" / ("plan-measure.json" if args.measure else "plan.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(out, result)
 
 
 if __name__ == "__main__":

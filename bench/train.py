@@ -23,7 +23,6 @@ responses trained on, exact top-k of the target's fp32 log-softmax.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from bench.result_file import write_result  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 LOSSES = ("kl", "tv", "lk_alpha", "lk_lambda")
@@ -265,10 +265,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['online']['best_ratio_vs_cache']:.2f} × cached-target step (fastest steps)")
     print(f"{'loader decode+collate':28} {loader['tokens_per_s']:10.0f} {'':>9} "
           f"÷ trainer = {result['loader']['ratio_vs_trainer']:.1f} (goal ≥ 10)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -10,7 +10,6 @@ ratio (plus the drafter's own cost), so on a CPU it decides whether a drafter wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.result_file import write_result  # noqa: E402
 from eval.attention import FORCE_GQA  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               "precision": precision, "ms": {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in ms.items()},
               "ratio_to_one_token": {mode: {str(n): v / by_n[1] for n, v in by_n.items()} for mode, by_n in ms.items()},
               "max_logit_difference": difference}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 
