@@ -211,11 +211,12 @@ def _check_tokenizers(target_path: Path, drafters: list[BenchedDrafter]):
 
     target_tokenizer = _load_tokenizer(target_path, "target")
     target_sha = tokenizer_fingerprint(target_tokenizer)
+    target_config = AutoConfig.from_pretrained(target_path)
     for drafter in drafters:
         if drafter.kind != "independent" and not any((drafter.path / name).is_file() for name in TOKENIZER_FILES):
             continue
         # An export's config.json is no Hugging Face model config: its tokenizer is read with the target's.
-        config = None if drafter.kind == "independent" else AutoConfig.from_pretrained(target_path)
+        config = None if drafter.kind == "independent" else target_config
         drafter_sha = tokenizer_fingerprint(_load_tokenizer(drafter.path, f"drafter {drafter.name!r}", config))
         if drafter_sha != target_sha:
             raise ConfigError(
