@@ -13,6 +13,7 @@ from trainer.losses import (
     SparseTarget,
     combine_steps,
     compute_loss,
+    exp_flushed_,
     expected_tau,
     kl_alpha,
 )
@@ -315,6 +316,37 @@ def test_underflowed_draft_tail_is_computed_in_log_space():
         assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
         assert torch.allclose(grad.double(), ref_grad, atol=1e-6)
         assert ref_grad[:, 3:].abs().max() > 1e-3  # the tail gradient matters here
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_exp_flushed_is_exp_or_zero_below_the_normal_range(dtype):
+    x = torch.cat([torch.linspace(-800.0, 20.0, 20001, dtype=dtype),
+                   torch.tensor([-math.inf, math.inf, math.nan], dtype=dtype)])
+    expected = torch.exp(x)
+    out = exp_flushed_(x.clone())
+    kept = out != 0
+    assert torch.equal(out[kept & ~x.isnan()], expected[kept & ~x.isnan()])  # bit-identical where kept
+    assert out[-1].isnan() and out[-2] == math.inf and out[-3] == 0
+    flushed = expected[~kept]
+    assert flushed.max() < 3 * torch.finfo(dtype).tiny  # only (near-)subnormal results become 0
+    assert (expected[kept & ~x.isnan()] >= torch.finfo(dtype).tiny).all()
+    y = x.clone()
+    assert exp_flushed_(y) is y  # in place
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_widely_spread_logits_agree_with_fp64(name):
+    """Logits 100s apart (a draft trained with LK^α spreads that far): fp32, with its flushed exps, vs fp64."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(8, 300, generator=g, dtype=F64) * 60.0
+    z[:, :4] = torch.randn(8, 4, generator=g, dtype=F64) * 2.0 + z.max()  # the mass sits on a few ids
+    t = torch.randn(8, 300, generator=g, dtype=F64) * 3.0
+    t[:, :4] += 8.0  # ... where most of the target's mass is too (α stays within fp32's range)
+    for target, tail in ((topk_target(t, 16), "bucket"), (topk_target(t, 16), "drop"), (DenseTarget(logits=t), "bucket")):
+        ref, ref_grad = grad_of(lambda x: compute_loss(name, x, target, tail=tail).loss, z)
+        loss, grad = grad_of(lambda x: compute_loss(name, x, target, tail=tail).loss, z.float())
+        assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5), (name, tail)
+        assert torch.allclose(grad.double(), ref_grad, atol=1e-6), (name, tail)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
