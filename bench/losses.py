@@ -20,6 +20,9 @@ VmHWM − baseline RSS is the extra memory. That includes the gradient of the lo
 `.grad`) and every transient the loss allocated, measured at page granularity; one subprocess per
 (case, loss) so an earlier loss's freed-but-retained heap cannot hide a later one's peak.
 
+Children flush subnormal floats to 0, as the training workers do. `--logit-scale 30` gives draft
+logits as spread as those of a MEDUSA head after a few dozen LK^α steps.
+
 Reference row `torch_kl`: the plain unchunked torch formula (fp32 log_softmax of both sides, KL,
 autograd), for what the chunked kernel saves. It needs several fp32 copies of the logits:
 --no-reference skips it.
@@ -44,7 +47,7 @@ LOSSES = ("kl", "tv", "lk_alpha", "lk_lambda")
 
 
 # ------------------------------------------------------------------------------ child side
-def _inputs(v: int, n: int, target: str, k: int, dtype: str, device: str, seed: int = 0):
+def _inputs(v: int, n: int, target: str, k: int, dtype: str, device: str, logit_scale: float, seed: int = 0):
     import torch
 
     from trainer.losses import DenseTarget, SparseTarget
@@ -52,7 +55,7 @@ def _inputs(v: int, n: int, target: str, k: int, dtype: str, device: str, seed: 
 
     dt = torch_dtype(dtype)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * 2.0).to(device=device, dtype=dt).requires_grad_()
+    logits = (torch.randn(n, v, generator=g) * logit_scale).to(device=device, dtype=dt).requires_grad_()
     target_logits = (torch.randn(n, v, generator=g) * 3.0).to(device=device, dtype=dt)
     if target == "dense":
         return logits, DenseTarget(logits=target_logits)
@@ -94,7 +97,7 @@ def _rss_kib(field: str) -> int:
 
 
 def child_time(args) -> dict:
-    logits, target = _inputs(args.v, args.n, args.target, args.k, args.dtype, args.device)
+    logits, target = _inputs(args.v, args.n, args.target, args.k, args.dtype, args.device, args.logit_scale)
     names = list(args.losses)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
@@ -122,10 +125,11 @@ def child_memory(args) -> dict:
 
     import torch
 
-    small_logits, small_target = _inputs(1000, 8, args.target, min(args.k, 16), args.dtype, args.device)
+    small_logits, small_target = _inputs(1000, 8, args.target, min(args.k, 16), args.dtype, args.device,
+                                         args.logit_scale)
     _step(args.loss, small_logits, small_target, args.tail)  # load kernels before measuring
     del small_logits, small_target
-    logits, target = _inputs(args.v, args.n, args.target, args.k, args.dtype, args.device)
+    logits, target = _inputs(args.v, args.n, args.target, args.k, args.dtype, args.device, args.logit_scale)
     logits_bytes = logits.numel() * logits.element_size()
     gc.collect()
     if args.device == "cuda":
@@ -160,6 +164,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=64, help="top-k of the sparse target")
     ap.add_argument("--targets", nargs="+", default=["dense", "topk"], choices=["dense", "topk"])
     ap.add_argument("--tail", default="bucket", choices=["bucket", "drop"])
+    ap.add_argument("--logit-scale", type=float, default=2.0,
+                    help="std of the random draft logits (default 2; a draft trained with LK^α spreads its "
+                         "logits to ~30, where most of exp(log q) falls below fp32's normal range)")
     add_precision_arguments(ap)  # --dtype of the draft/target logits
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
@@ -177,9 +184,10 @@ def main() -> None:
     ap.add_argument("--losses", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        if args.threads:
-            import torch
+        import torch
 
+        torch.set_flush_denormal(True)  # as in the training workers (trainer.loop.run_worker)
+        if args.threads:
             torch.set_num_threads(args.threads)
         result = child_time(args) if args.child == "time" else child_memory(args)
         print(json.dumps(result))
@@ -195,7 +203,7 @@ def main() -> None:
             if not args.no_reference and ref_gib <= args.reference_max_gib:
                 names.append("torch_kl")
             common = dict(v=v, n=args.n, target=target, k=args.k, tail=args.tail, dtype=args.dtype,
-                          device=args.device, threads=args.threads)
+                          device=args.device, threads=args.threads, logit_scale=args.logit_scale)
             times = _run_child("time", losses=names, repeats=args.repeats, **common)
             for name in names:
                 row = {"vocab": v, "n": args.n, "target": target if target == "dense" else f"top-{args.k}",
@@ -208,6 +216,7 @@ def main() -> None:
                 print(_fmt(row), flush=True)
 
     meta = {"device": args.device, "dtype": args.dtype, "precision": precision, "tail": args.tail,
+            "logit_scale": args.logit_scale,
             "repeats": args.repeats,
             "time_basis": "wall (synchronized)" if args.device == "cuda" else "process CPU time",
             "torch_threads": args.threads or _threads(), "cpu_count": os.cpu_count(),

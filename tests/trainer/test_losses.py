@@ -328,7 +328,7 @@ def test_exp_flushed_is_exp_or_zero_below_the_normal_range(dtype):
     assert torch.equal(out[kept & ~x.isnan()], expected[kept & ~x.isnan()])  # bit-identical where kept
     assert out[-1].isnan() and out[-2] == math.inf and out[-3] == 0
     flushed = expected[~kept]
-    assert flushed.max() < 3 * torch.finfo(dtype).tiny  # only (near-)subnormal results become 0
+    assert flushed.max() < 5 * torch.finfo(dtype).tiny  # only (near-)subnormal results become 0
     assert (expected[kept & ~x.isnan()] >= torch.finfo(dtype).tiny).all()
     y = x.clone()
     assert exp_flushed_(y) is y  # in place
