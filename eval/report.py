@@ -207,7 +207,7 @@ def plot_tau(results: list[dict], path: Path) -> None:
     ax.set_ylabel("τ (tokens per target forward)")
     ax.set_title("Acceptance length by domain")
     ax.legend(fontsize=8)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_acceptance(overall: list[dict], path: Path) -> None:
@@ -228,15 +228,15 @@ def plot_acceptance(overall: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.set_title("Acceptance by draft position")
     ax.legend(fontsize=8)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
-def _save_png(fig, path: Path) -> None:
-    """Lay out, write atomically and close a matplotlib figure."""
+def save_png(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write atomically (cache.atomic) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
+    fig.savefig(png, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write(Path(path), png.getvalue())

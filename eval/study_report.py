@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import ALL, BASELINE
+from cache.atomic import atomic_write
+from eval.report import ALL, BASELINE, save_png
 from eval.stats import Interval, paired_ratio_bootstrap, paired_tau_bootstrap, pooled_tau, t_interval
 from trainer.heldout import QUANTITIES, HeldoutSums
 from trainer.losses import expected_tau
 
+STUDY_JSON, STUDY_MD = "study.json", "study.md"
 HELDOUT_PLOT, TOPK_PLOT = "heldout_alpha.png", "topk_tau.png"
 TAIL_MODES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum"}  # tail mode -> HeldoutSums quantity
 # What the study must resolve (issue 11): KL drafters accept enough to leave room for an effect, and
@@ -186,10 +188,12 @@ def summarize_topk(report: dict, *, runs: list[dict], resamples: int, confidence
 
 # ------------------------------------------------------------------------------- writing
 def write_study(study: dict, out: Path) -> None:
-    """study.json, study.md and the plots of the parts present."""
+    """study.md, the plots of the parts present and, last, study.json into `out`, each atomically.
+
+    A study.json that reads therefore comes with the study.md and plots of the same results.
+    """
     out = Path(out)
-    (out / "study.json").write_text(json.dumps(study, indent=1, default=str) + "\n")
-    (out / "study.md").write_text(markdown(study))
+    atomic_write(out / STUDY_MD, markdown(study).encode())
     families = study.get("reproduction") or []
     if families:
         plot_heldout(families, out / HELDOUT_PLOT)
@@ -197,6 +201,7 @@ def write_study(study: dict, out: Path) -> None:
         plot_reproduction(family, out / tau_plot_name(family["label"]))
     if "topk" in study:
         plot_topk(study["topk"], out / TOPK_PLOT)
+    atomic_write(out / STUDY_JSON, (json.dumps(study, indent=1, default=str) + "\n").encode())
 
 
 def _ci(interval: dict | None) -> str:
@@ -344,9 +349,7 @@ def plot_reproduction(part: dict, path: Path) -> None:
         ax.set_title(f"{part['label']}, T = {temperature:g}")
     axes[0][0].set_ylabel("τ ratio (bootstrap CI)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def plot_heldout(families: list[dict], path: Path) -> None:
@@ -370,9 +373,7 @@ def plot_heldout(families: list[dict], path: Path) -> None:
         ax.set_ylim(0, None)
     axes[0][0].set_ylabel("held-out α (band: tail dropped .. bucket)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 def plot_topk(part: dict, path: Path) -> None:
@@ -397,6 +398,4 @@ def plot_topk(part: dict, path: Path) -> None:
         ax.set_ylabel("τ (all domains)")
         ax.set_title(f"T = {temperature:g}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)

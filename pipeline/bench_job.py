@@ -6,7 +6,7 @@ back on the same cores. A drafter is a run directory or an export of any family 
 an independent causal LM, EAGLE-3, MEDUSA, an MLP speculator), loaded by eval.load_drafter; the
 families that read the target's hidden states are checked against the target's shape first. The
 driver merges the per-prompt results into report.json / report.md / plots (see eval/report.py) and
-a per-prompt outputs.jsonl.
+a per-prompt outputs.jsonl, each written atomically (cache.atomic), report.json last.
 """
 from __future__ import annotations
 
@@ -112,6 +112,7 @@ def _drafter_kind(model_dir: Path) -> str:
 
 def run_bench(config: BenchConfig) -> Path:
     """Run the benchmark and write the report into config.out; returns that directory."""
+    from cache.atomic import atomic_write
     from eval.report import BASELINE, summarize, write_report
     from pipeline.resolve.models import ModelNotFoundError, resolve_model
     from pipeline.resolve.prompts import PromptSetError
@@ -147,10 +148,10 @@ def run_bench(config: BenchConfig) -> Path:
     bench_order = {item["benchmark"]: i for i, item in reversed(list(enumerate(items)))}
     records.sort(key=lambda r: (bench_order[r["benchmark"]], r["index"], r["temperature"], order[r["drafter"]]))
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "outputs.jsonl", "w") as handle:
-        for record in records:
-            text = tokenizer.decode(record["output_ids"], skip_special_tokens=False)
-            handle.write(json.dumps({**_public(record), "output_ids": record["output_ids"], "text": text}) + "\n")
+    atomic_write(out / "outputs.jsonl", "".join(
+        json.dumps({**_public(record), "output_ids": record["output_ids"],
+                    "text": tokenizer.decode(record["output_ids"], skip_special_tokens=False)}) + "\n"
+        for record in records).encode())
     report = summarize(records, drafters=[d.name for d in drafters], k=config.k)
     report["config"] = {**asdict(config), "out": str(out), "threads_per_worker": threads}
     report["target"] = {"spec": target.spec, "path": str(target.path), "identity": target.identity}

@@ -34,7 +34,6 @@ from trainer.settings import ConfigError, setting
 PARTS = ("reproduction", "topk", "all")
 REFERENCE_LOSS = "kl"
 REPRODUCTION_TAIL = "bucket"
-STUDY_JSON, STUDY_MD = "study.json", "study.md"
 
 
 @dataclass
@@ -147,12 +146,13 @@ def split_drafters(text: str) -> tuple[str, ...]:
 
 def run_study(config: StudyConfig) -> Path:
     """Run the chosen parts on one Ray session; write study.json, study.md and plots into config.out."""
-    from eval.study_report import summarize_topk, write_study
+    from cache.atomic import atomic_write
+    from eval.study_report import STUDY_JSON, STUDY_MD, summarize_topk, write_study
 
     config.validate()
     config.out = Path(config.out).expanduser().resolve()
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "study-config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    atomic_write(config.out / "study-config.json", (json.dumps(config.to_dict(), indent=1) + "\n").encode())
     parts = config.parts()
     ks = list(dict.fromkeys(([config.k] if "reproduction" in parts else [])
                             + (list(config.topk_ks) if "topk" in parts else [])))
