@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from trainer.loop import flush_subnormals
+
+    flush_subnormals()  # as the training workers do, before the cache build starts torch's threads
     load_at_start = os.getloadavg()[0]
     workdir = Path(args.workdir)
     cache = Path(args.cache) if args.cache else build_cache(workdir, args.target, sequences=args.sequences,

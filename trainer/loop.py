@@ -224,6 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """
     import ray.train
 
+    flush_subnormals()  # first: before torch starts its intra-op threads
     context = ray.train.get_context()
     try:
         for plan_dict in loop_config["plans"]:
@@ -235,6 +236,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # unless the process group is gone first.
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def flush_subnormals() -> None:
+    """Read and write subnormal floats (< 1.2e-38 in fp32) as 0 on x86 (FTZ/DAZ, as GPUs do).
+
+    Each subnormal operand costs an x86 core a microcode assist, and a draft whose logits spread wide
+    (LK^α does within a few dozen steps) fills its softmaxes with them. The flag is per thread, and
+    threads inherit it when created: call this before the process's first parallel torch operation.
+    """
+    torch.set_flush_denormal(True)
 
 
 def skip_shm_comm_build(deepspeed) -> None:
@@ -254,10 +265,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     skip_shm_comm_build(deepspeed)
-    # Subnormal floats cost x86 cores a microcode assist per operation: a draft whose logits spread
-    # wide (LK^α does within a few dozen steps) fills its softmaxes with them. Flushed to 0 (FTZ/DAZ,
-    # as GPUs do), they change no result above 1.2e-38.
-    torch.set_flush_denormal(True)
+    flush_subnormals()
     config = plan.config
     run_dir = Path(plan.run_dir)
     started = time.time()

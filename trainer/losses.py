@@ -108,18 +108,22 @@ def _floor(x: Tensor) -> Tensor:
     return x.clamp_min(LOG_FLOOR)
 
 
+# exp_flushed_ writes 0 for results up to this many times the dtype's smallest normal number.
+FLUSHED_BELOW = math.exp(1.5)
+
+
 def exp_flushed_(x: Tensor) -> Tensor:
-    """x.exp_() in place, with every result below 4.5× the dtype's smallest normal number written as 0.
+    """x.exp_() in place, with every result below FLUSHED_BELOW × the dtype's smallest normal number written as 0.
 
     torch's CPU exp leaves its vectorized path for inputs under log(tiny) (≈ −87.3 in fp32): 10–50×
     slower on AVX2 and AVX-512 alike. A draft trained with LK^α spreads its logits that far within
-    a few dozen steps, and its training step then took 2–3× as long. Here inputs are clamped into the
+    a few dozen steps, and its training step then took 2–4× as long. Here inputs are clamped into the
     fast range first and the results that came from there are zeroed: each is < 5.3e-38 in fp32 (subnormal
     or barely normal anyway), so a sum over V of them moves by less than V × 5.3e-38.
     """
     log_tiny = math.log(torch.finfo(x.dtype).tiny)
     x.clamp_min_(log_tiny + 1.0).exp_()  # fp32: −86.3, fp64: −707.4, inside the fast range
-    return F.threshold_(x, math.exp(log_tiny + 1.5), 0.0)  # x if x > e^1.5·tiny else 0
+    return F.threshold_(x, FLUSHED_BELOW * torch.finfo(x.dtype).tiny, 0.0)  # x if x > e^1.5·tiny else 0
 
 
 class _DenseRows:
@@ -252,8 +256,10 @@ class _SparseRows:
         self.r = r if self.bucket else zero  # raw tail mass (α side)
         self.r_kl = torch.where(has_m, r / m_safe, 0.0) if self.bucket else zero
         self.cdt = cdt
-        # below this the draft tail Q is recomputed in log space (its q_j may underflow)
-        self.tiny = torch.finfo(cdt).tiny ** 0.75
+        # Below this the draft tail Q is recomputed in log space: its q_j may underflow, and exp_flushed_
+        # may have dropped up to V·FLUSHED_BELOW·tiny of it, which stays under Q's own rounding above here.
+        finfo = torch.finfo(cdt)
+        self.tiny = max(finfo.tiny ** 0.75, v_draft * FLUSHED_BELOW * finfo.tiny / finfo.eps)
         self.slow_tail = True  # whether backward may meet Q < tiny; set by finish()
 
     def _masked_logq(self, z: Tensor, idx: Tensor, has_valid: Tensor) -> Tensor:

@@ -342,6 +342,7 @@ def test_widely_spread_logits_agree_with_fp64(name):
     z[:, :4] = torch.randn(8, 4, generator=g, dtype=F64) * 2.0 + z.max()  # the mass sits on a few ids
     t = torch.randn(8, 300, generator=g, dtype=F64) * 3.0
     t[:, :4] += 8.0  # ... where most of the target's mass is too (α stays within fp32's range)
+    assert (torch.log_softmax(z.float(), -1) < math.log(torch.finfo(torch.float32).tiny)).float().mean() > 0.3
     for target, tail in ((topk_target(t, 16), "bucket"), (topk_target(t, 16), "drop"), (DenseTarget(logits=t), "bucket")):
         ref, ref_grad = grad_of(lambda x: compute_loss(name, x, target, tail=tail).loss, z)
         loss, grad = grad_of(lambda x: compute_loss(name, x, target, tail=tail).loss, z.float())
