@@ -160,10 +160,14 @@ def test_heldout_summary_pairs_runs_over_seeds_and_sequences():
     assert drop["kl"]["tau"] == pytest.approx(1 + sum(np.cumprod(list(pooled[0]) + [pooled[0][-1]])))  # K = 4
     assert tau["estimate"] == pytest.approx(drop["lk_lambda"]["tau"] / drop["kl"]["tau"]) and tau["low"] > 1.0
     assert "ratio" not in drop["kl"] and len(drop["kl"]["alpha_by_seed"]) == 3
-    checks = part["checks"]
-    assert checks["reference_alpha_step1"] == pytest.approx(pooled[0][0])
-    assert checks["alpha_met"] == (pooled[0][0] >= 0.3)
-    assert checks["widest_half_width_step1"] == pytest.approx(drop["lk_lambda"]["ratio"][0]["half_width"])
+    for tail, rows in (("drop", drop), ("bucket", bucket)):
+        checks = part["checks"][tail]
+        alpha = rows["kl"]["alpha"][0]
+        assert checks["reference_alpha_step1"] == pytest.approx(alpha) and checks["alpha_met"] == (alpha >= 0.3)
+        width = rows["lk_lambda"]["ratio"][0]["half_width"]
+        assert checks["half_width_step1"] == {"lk_lambda": pytest.approx(width)}
+        assert checks["half_width_met"] == {"lk_lambda": width <= 0.015}
+    assert part["checks"]["bucket"]["reference_alpha_step1"] > part["checks"]["drop"]["reference_alpha_step1"]
 
 
 def test_heldout_summary_refuses_runs_scored_on_other_sequences():
@@ -201,7 +205,13 @@ def test_reproduction_summary_pools_seeds_and_prompts(tmp_path):
     assert "| 1 | gsm8k (n=4) |" in text and "Tail dropped (lower bound of α):" in text
     ratio = part["heldout"]["tails"]["drop"][1]["ratio"][0]
     assert f"| 1 | {part['heldout']['tails']['drop'][0]['alpha'][0]:.3f} |" in text
-    assert f"±{100 * ratio['half_width']:.1f}%" in text and "Sizing (tail dropped, step 1)" in text
+    assert f"±{100 * ratio['half_width']:.1f}%" in text and "Sizing at step 1" in text
+    for tail, label in (("drop", "dropped"), ("bucket", "as a bucket")):
+        checks = part["heldout"]["checks"][tail]
+        verdict = "met" if checks["half_width_met"]["lk_lambda"] else "missed"
+        assert (f"- tail {label}: α(kl) = {checks['reference_alpha_step1']:.3f}, goal ≥ 0.3: "
+                f"{'met' if checks['alpha_met'] else 'missed'}; half-widths lk_lambda ÷ kl "
+                f"±{100 * checks['half_width_step1']['lk_lambda']:.1f}% ({verdict})") in text
     write_study(study, tmp_path)
     assert (tmp_path / HELDOUT_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "tau_ratios-medusa-heads-3.png").stat().st_size > 0
