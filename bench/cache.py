@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
+from bench.result_file import write_result  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 KS = (8, 32, 64, 128)
@@ -194,9 +195,8 @@ def main() -> None:
         "throughput": throughput, "ray_build": end_to_end,
         "goals": {"bytes_per_entry_k64": 2.5, "build_over_bare": 0.9},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    print()
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

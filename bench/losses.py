@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.result_file import write_result  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
 LOSSES = ("kl", "tv", "lk_alpha", "lk_lambda")
@@ -186,7 +187,9 @@ def main() -> None:
     if args.child:
         import torch
 
-        torch.set_flush_denormal(True)  # as in the training workers (trainer.loop.run_worker)
+        from trainer.loop import flush_subnormals
+
+        flush_subnormals()  # as the training workers do
         if args.threads:
             torch.set_num_threads(args.threads)
         result = child_time(args) if args.child == "time" else child_memory(args)
@@ -222,11 +225,10 @@ def main() -> None:
             "torch_threads": args.threads or _threads(), "cpu_count": os.cpu_count(),
             "memory_method": "cuda max_memory_allocated" if args.device == "cuda"
             else "VmHWM - VmRSS after clear_refs=5, one subprocess per (case, loss)"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     print()
     print(_table(rows))
-    print(f"\nwrote {args.out}")
+    print()
+    write_result(args.out, {"meta": meta, "rows": rows})
 
 
 def _cuda() -> bool:
