@@ -265,7 +265,6 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     skip_shm_comm_build(deepspeed)
-    flush_subnormals()
     config = plan.config
     run_dir = Path(plan.run_dir)
     started = time.time()

@@ -121,9 +121,9 @@ def exp_flushed_(x: Tensor) -> Tensor:
     fast range first and the results that came from there are zeroed: each is < 5.3e-38 in fp32 (subnormal
     or barely normal anyway), so a sum over V of them moves by less than V × 5.3e-38.
     """
-    log_tiny = math.log(torch.finfo(x.dtype).tiny)
-    x.clamp_min_(log_tiny + 1.0).exp_()  # fp32: −86.3, fp64: −707.4, inside the fast range
-    return F.threshold_(x, FLUSHED_BELOW * torch.finfo(x.dtype).tiny, 0.0)  # x if x > e^1.5·tiny else 0
+    tiny = torch.finfo(x.dtype).tiny
+    x.clamp_min_(math.log(tiny) + 1.0).exp_()  # fp32: −86.3, fp64: −707.4, inside the fast range
+    return F.threshold_(x, FLUSHED_BELOW * tiny, 0.0)  # x if x > e^1.5·tiny else 0
 
 
 class _DenseRows:
