@@ -230,10 +230,13 @@ def test_real_smollm2_topk_matches_an_independent_forward(smollm2_path, ray_addr
         at_cached = torch.gather(reference[targets], 1, torch.from_numpy(record.topk_ids).long()).numpy()
         np.testing.assert_allclose(record.topk_logprobs, at_cached, rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(record.topk_logprobs, values, rtol=1e-3, atol=1e-3)
-        # ids equal wherever the probabilities are not tied (within the numerical noise)
+        # ids equal wherever the probabilities are not tied within fp32 noise. Two forwards of the same fp32
+        # model (a batched worker vs this one, other thread counts, other CPUs' GEMM kernels) swap near-ties:
+        # a CI machine swapped a pair more than 1e-4 apart (the old threshold). The allclose checks above
+        # already hold each cached id's log-prob to its rank's, so a swap can only be between near-equal values.
         gap_before = np.diff(values, axis=1, prepend=np.inf)
         gap_after = -np.diff(values, axis=1, append=-np.inf)
-        distinct = (np.abs(gap_before) > 1e-4) & (np.abs(gap_after) > 1e-4)
+        distinct = (np.abs(gap_before) > 1e-3) & (np.abs(gap_after) > 1e-3)
         assert np.array_equal(record.topk_ids[distinct], ids.numpy()[distinct])
         compared += distinct.sum()
     assert reader.manifest["num_sequences"] == 4 and compared > 0.9 * reader.manifest["num_positions"] * 8
