@@ -9,12 +9,16 @@ import numpy as np
 from cache.atomic import atomic_write
 from eval.report import ALL, BASELINE, save_png
 from eval.stats import Interval, paired_ratio_bootstrap, paired_tau_bootstrap, pooled_tau, t_interval
-from trainer.heldout import QUANTITIES, HeldoutSums
+from trainer.heldout import EXACT, QUANTITIES, HeldoutSums
 from trainer.losses import expected_tau
 
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 HELDOUT_PLOT, TOPK_PLOT = "heldout_alpha.png", "topk_tau.png"
-TAIL_MODES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum"}  # tail mode -> HeldoutSums quantity
+# α measure -> HeldoutSums quantity: the two tail bounds, and the exact α where every run scored it
+TAIL_MODES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum", "exact": EXACT}
+TAIL_TITLES = {"drop": "Tail dropped (lower bound of α)", "bucket": "Tail as a bucket (upper bound of α)",
+               "exact": "Exact α (against the target's full distribution)"}
+TAIL_LABELS = {"drop": "tail dropped", "bucket": "tail as a bucket", "exact": "exact α"}
 # What the study must resolve (issue 11): KL drafters accept enough to leave room for an effect, and
 # the α-ratio interval is narrow enough to see a 3% one.
 ALPHA_GOAL, HALF_WIDTH_GOAL = 0.3, 0.015
@@ -99,8 +103,9 @@ def _paper_tau(report: dict, drafters: list[str], prompts: list[tuple], temperat
 # ------------------------------------------------------------------------------- held-out α (primary)
 def summarize_heldout(heldout: dict[str, list[HeldoutSums]], *, reference: str, draft_len: int, resamples: int,
                       confidence: float) -> dict:
-    """Held-out α per draft step and loss under both tail modes; α(loss) ÷ α(reference) and E[τ](loss) ÷
-    E[τ](reference), each with a percentile interval from resampling seeds and held-out sequences jointly.
+    """Held-out α per draft step and loss under both tail modes (and exact, where every run scored it);
+    α(loss) ÷ α(reference) and E[τ](loss) ÷ E[τ](reference), each with a percentile interval from resampling
+    seeds and held-out sequences jointly.
 
     `heldout[loss]` holds one HeldoutSums per seed, in the same seed order for every loss.
     """
@@ -109,15 +114,20 @@ def summarize_heldout(heldout: dict[str, list[HeldoutSums]], *, reference: str, 
         if len(runs) != len(heldout[reference]):
             raise ValueError(f"{len(runs)} {loss} run(s) but {len(heldout[reference])} {reference} run(s)")
         for seed, sums in enumerate(runs):
-            if sums.sample_ids != first.sample_ids or sums.sums.shape != first.sums.shape:
+            if sums.sample_ids != first.sample_ids or sums.sums.shape[1:] != first.sums.shape[1:]:
                 raise ValueError(f"the {loss} run #{seed} scored other held-out sequences or draft steps than the "
                                  f"{reference} run #0: the paired ratio needs the same ones")
+    scored = set.intersection(*(set(sums.quantities) for runs in heldout.values() for sums in runs))
+    quantities = [q for q in QUANTITIES + (EXACT,) if q in scored]
     # [quantity, seed, sequence, step] per loss
-    arrays = {loss: np.stack([sums.sums for sums in runs], axis=1) for loss, runs in heldout.items()}
-    positions = QUANTITIES.index("positions")
+    arrays = {loss: np.stack([sums.sums[[sums.quantities.index(q) for q in quantities]] for sums in runs], axis=1)
+              for loss, runs in heldout.items()}
+    positions = quantities.index("positions")
     tails = {}
     for tail, quantity in TAIL_MODES.items():
-        q = QUANTITIES.index(quantity)
+        if quantity not in quantities:
+            continue
+        q = quantities.index(quantity)
         ref = arrays[reference]
         rows = []
         for loss, a in arrays.items():
@@ -240,17 +250,18 @@ def _heldout_markdown(part: dict) -> list[str]:
     losses = [row["loss"] for row in heldout["tails"]["drop"]]
     others = [loss for loss in losses if loss != reference]
     confidence = next((r["tau_ratio"]["confidence"] for r in heldout["tails"]["drop"] if "tau_ratio" in r), 0.95)
+    exact_note = ("; the exact α is Σ_V min(p, q) against the target's full distribution"
+                  if "exact" in heldout["tails"] else "")
     lines = ["### Held-out α per draft step (primary measure)", "",
              f"{heldout['sequences']} held-out sequences × {heldout['seeds']} seed(s) per loss "
              f"({heldout['positions'][0]} scored positions at step 1 per run), α against the cached top-k target. "
              "The tail beyond the top-k bounds the true α: dropped (Σ_top-k min(p, q), a lower bound) and as "
-             "one bucket (+ min(r, Q_tail), an upper bound). Ratio: pooled α(loss) ÷ "
+             f"one bucket (+ min(r, Q_tail), an upper bound){exact_note}. Ratio: pooled α(loss) ÷ "
              f"α({reference}); brackets: {confidence:.0%} paired bootstrap over seeds and sequences; ±: the "
              f"interval's half-width. E[τ] = 1 + Σ_k Π_j≤k α_j at K = {heldout['draft_len']}.", ""]
-    for tail, title in (("drop", "Tail dropped (lower bound of α)"),
-                        ("bucket", "Tail as a bucket (upper bound of α)")):
-        rows = {row["loss"]: row for row in heldout["tails"][tail]}
-        lines += [f"{title}:", "",
+    for tail, tail_rows in heldout["tails"].items():
+        rows = {row["loss"]: row for row in tail_rows}
+        lines += [f"{TAIL_TITLES[tail]}:", "",
                   "| step | " + " | ".join(f"α {loss}" for loss in losses) + " | "
                   + " | ".join(f"{loss} ÷ {reference}" for loss in others) + " |",
                   "|---|" + "---|" * (len(losses) + len(others))]
@@ -260,12 +271,12 @@ def _heldout_markdown(part: dict) -> list[str]:
             lines.append(f"| {n + 1} | " + " | ".join(cells) + " |")
         cells = [_f(rows[loss]["tau"]) for loss in losses] + [_ci_half(rows[loss]["tau_ratio"]) for loss in others]
         lines += ["| E[τ] | " + " | ".join(cells) + " |", ""]
-    lines += ["Sizing at step 1 (the true α lies between the two tail modes):", ""]
+    lines += ["Sizing at step 1 (the true α lies between the two tail modes; exact where scored):", ""]
     for tail, checks in heldout["checks"].items():
         widths = ", ".join(f"{loss} ÷ {reference} ±{100 * width:.1f}% "
                            f"({'met' if checks['half_width_met'][loss] else 'missed'})"
                            for loss, width in checks["half_width_step1"].items())
-        lines.append(f"- tail {'dropped' if tail == 'drop' else 'as a bucket'}: α({reference}) = "
+        lines.append(f"- {TAIL_LABELS[tail]}: α({reference}) = "
                      f"{_f(checks['reference_alpha_step1'])}, goal ≥ {checks['alpha_goal']:g}: "
                      f"{'met' if checks['alpha_met'] else 'missed'}; half-widths {widths or '–'}, goal ≤ "
                      f"{100 * checks['half_width_goal']:g}%")
@@ -372,14 +383,17 @@ def plot_heldout(families: list[dict], path: Path) -> None:
         heldout = family["heldout"]
         steps = np.arange(1, heldout["steps"] + 1)
         buckets = {row["loss"]: row["alpha"] for row in heldout["tails"]["bucket"]}
+        exact = {row["loss"]: row["alpha"] for row in heldout["tails"].get("exact", [])}
         for row in heldout["tails"]["drop"]:
             line, = ax.plot(steps, row["alpha"], marker="o", label=row["loss"])
             ax.fill_between(steps, row["alpha"], buckets[row["loss"]], color=line.get_color(), alpha=0.15, lw=0)
+            if row["loss"] in exact:
+                ax.plot(steps, exact[row["loss"]], ls="--", color=line.get_color(), label=f"{row['loss']} (exact)")
         ax.set_xticks(steps)
         ax.set_xlabel("draft step (head)")
         ax.set_title(family["label"])
         ax.set_ylim(0, None)
-    axes[0][0].set_ylabel("held-out α (band: tail dropped .. bucket)")
+    axes[0][0].set_ylabel("held-out α (band: tail dropped .. bucket; dashed: exact)")
     axes[0][-1].legend(fontsize=8)
     save_png(fig, path, dpi=100)
 

@@ -102,8 +102,9 @@ def run_runs(args: argparse.Namespace) -> int:
 COLUMNS = [("name", "run"), ("status", "status"), ("loss", "loss"), ("tail", "tail"), ("target", "target"),
            ("steps", "steps"), ("train_loss", "train loss"), ("train_alpha", "train α"),
            ("heldout_alpha_drop", "held-out α (drop)"), ("heldout_alpha_bucket", "held-out α (bucket)"),
-           ("heldout_tau_drop", "E[τ] (drop)"), ("heldout_tau_bucket", "E[τ] (bucket)"), ("best_tau", "best τ"),
-           ("best_step", "@step"), ("tokens_per_s", "tok/s"), ("cache", "cache")]
+           ("heldout_tau_drop", "E[τ] (drop)"), ("heldout_tau_bucket", "E[τ] (bucket)"),
+           ("heldout_alpha_exact", "held-out α (exact)"), ("heldout_tau_exact", "E[τ] (exact)"),
+           ("best_tau", "best τ"), ("best_step", "@step"), ("tokens_per_s", "tok/s"), ("cache", "cache")]
 
 
 def format_runs(rows: list[dict]) -> str:

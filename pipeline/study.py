@@ -55,6 +55,10 @@ class StudyConfig(StageConfig):
                                       help="sequences held out of training, by sample-id hash")
     eval_sequences: int = setting(256, group=DRAFTERS, ge=1,  # held-out sequences scored per run
                                   help="held-out sequences scored per run: the alpha bootstrap's sequences")
+    exact_heldout: bool = setting(False, group=DRAFTERS,
+                                  help="also score held-out alpha against the target's full distribution (the exact "
+                                  "alpha between the two tail bounds; the target runs in each worker at each run's "
+                                  "final evaluation)")
     topk_ks: tuple[int, ...] = setting((8, 32, 128), key="topk_k", group=DRAFTERS, ge=1, distinct=True,
                                        help="top-k part: k values")
     tails: tuple[str, ...] = setting(("drop", "bucket"), key="tail", group=DRAFTERS, choices=TAIL_MODES,
@@ -103,7 +107,7 @@ class StudyConfig(StageConfig):
             drafter, cache=cache, loss=loss,
             run_name=f"{drafter_label(drafter)}-{loss}-{what}-s{seed}", warmup=self.warmup, tail=tail, seed=seed,
             target_source="online" if online else "cache", heldout_fraction=self.heldout_fraction,
-            eval_sequences=self.eval_sequences, eval_every=0)
+            eval_sequences=self.eval_sequences, exact_heldout=self.exact_heldout, eval_every=0)
 
     def bench_dtype(self) -> str:
         """The benchmark's precision: --dtype resolved for the benchmark's device, as its report records it."""
@@ -279,6 +283,7 @@ def _run_table(runs: list) -> list[dict]:
                      "heldout_alpha_drop": heldout.get("alpha_drop"),
                      "heldout_alpha_bucket": heldout.get("alpha_bucket"),
                      "heldout_tau_drop": heldout.get("tau_drop"), "heldout_tau_bucket": heldout.get("tau_bucket"),
+                     "heldout_alpha_exact": heldout.get("alpha_exact"), "heldout_tau_exact": heldout.get("tau_exact"),
                      "steps": run.get("steps_done")})
     return rows
 

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +77,10 @@ def plan_run(config: TrainConfig) -> RunPlan:
         target_path = str(resolved.path)
     else:
         target_path = locate_target(cache_path, identity)
-    needs_target = config.target_source == "online" or config.init_embeddings_from == "target"
-    if needs_target and target_path is None:
-        why = "--target-source online" if config.target_source == "online" else "--init-embeddings-from target"
+    scores_online = config.target_source == "online" or config.exact_heldout  # the target runs in each worker
+    if (scores_online or config.init_embeddings_from == "target") and target_path is None:
+        why = ("--target-source online" if config.target_source == "online" else "--exact-heldout"
+               if config.exact_heldout else "--init-embeddings-from target")
         raise ConfigError(f"{why} needs the target model: pass --target MODEL "
                           f"(the cache's target was not found on this machine)")
 
@@ -104,7 +105,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if target_path is not None:
         target_config = AutoConfig.from_pretrained(target_path)
         max_positions = int(getattr(target_config, "max_position_embeddings", max_positions) or max_positions)
-        if config.target_source == "online" and target_config.vocab_size != vocab_size:
+        if scores_online and target_config.vocab_size != vocab_size:
             raise CacheMismatchError(f"cache {key} has vocabulary size {vocab_size}, the online target "
                                      f"{target_path} has {target_config.vocab_size}")
         if config.init_embeddings_from == "target":
@@ -138,7 +139,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         drafter=spec.to_dict(), total_steps=total_steps, heldout_threshold=split.heldout_threshold,
         num_train_sequences=split.num_train, num_heldout_sequences=split.num_heldout, eval_ids=split.eval_ids,
         eval_shards={str(shard): ids for shard, ids in split.eval_shards.items()},
-        target_path=target_path if config.target_source == "online" else None, columns=columns,
+        target_path=target_path if scores_online else None, columns=columns,
     )
     _check_run_dir(plan)
     return plan
@@ -248,7 +249,8 @@ def _check_run_dir(plan: RunPlan) -> None:
     if not plan.config.resume:
         raise ConfigError(f"{run_dir} already holds a run ({existing.get('status', '?')}); pass --resume to "
                           f"continue it or choose another {flag('run_name')}")
-    before = existing.get("config", {})
+    # A setting added after the run started is absent from its run.json: it ran with that setting's default.
+    before = {**asdict(TrainConfig(cache="", out="")), **existing.get("config", {})}
     now = plan.config.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
     if changed:
@@ -455,6 +457,8 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
             "heldout_alpha_bucket": heldout.get("alpha_bucket"),  # per draft step: upper bound of α
             "heldout_tau_drop": heldout.get("tau_drop"),
             "heldout_tau_bucket": heldout.get("tau_bucket"),
+            "heldout_alpha_exact": heldout.get("alpha_exact"),  # per draft step, when scored (--exact-heldout)
+            "heldout_tau_exact": heldout.get("tau_exact"),
             "heldout_step": heldout.get("step"),
             "best_tau": best.get("tau"),
             "best_step": best.get("step"),

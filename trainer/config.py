@@ -15,8 +15,9 @@ from trainer.settings import ConfigError, check_settings, flag, setting
 
 TARGET_SOURCES = ("cache", "online")
 ZERO_STAGES = (1, 2, 3)
-# Keys that may change between a run and its --resume (they do not change what is computed).
-RESUMABLE_CHANGES = frozenset({"resume", "stop_after", "checkpoint_every", "keep_checkpoints"})
+# Keys that may change between a run and its --resume (they do not change what is trained; exact_heldout
+# adds a measurement to the evaluations still to come).
+RESUMABLE_CHANGES = frozenset({"resume", "stop_after", "checkpoint_every", "keep_checkpoints", "exact_heldout"})
 WHAT, HOW_LONG, OPTIMIZATION, CLUSTER, EVALUATION = (
     "what to train", "how long", "optimization", "cluster", "evaluation and checkpoints")
 
@@ -86,7 +87,8 @@ class TrainConfig:
         "full distribution (the baseline the top-k cache is judged against)")
     target: str | None = setting(
         None, group=WHAT, metavar="MODEL",
-        help="target model (alias, HF directory or .gguf) for --target-source online, --init-embeddings-from target, "
+        help="target model (alias, HF directory or .gguf) for --target-source online, --exact-heldout, "
+        "--init-embeddings-from target, "
         "or the tokenizer of a preset drafter (default: the target recorded in the cache manifest)")
     seed: int = setting(0, group=OPTIMIZATION, ge=0, help="initialization and data order seed")
     heldout_fraction: float = setting(
@@ -94,6 +96,11 @@ class TrainConfig:
         help="fraction of sequences (by sample-id hash) never trained on (default: 0.05, at least 1 sequence)")
     eval_sequences: int = setting(256, group=EVALUATION, ge=1,
                                   help="held-out sequences scored at each evaluation")
+    exact_heldout: bool = setting(
+        False, group=EVALUATION,
+        help="also score held-out alpha against the target's full distribution: the exact alpha, between the two "
+        "tail bounds (the target model runs in each worker at each evaluation; a run with --target-source online "
+        "always does)")
     eval_every: int = setting(100, group=EVALUATION, ge=0,
                               help="steps between held-out evaluations; 0 = only at the end")
     checkpoint_every: int = setting(500, group=EVALUATION, ge=0,

@@ -146,12 +146,14 @@ def step_record(step: int, results: list, loss: Tensor, batch: Batch, *, elapsed
 
 
 def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, eval_ids: list[str], step: int,
-             device) -> HeldoutSums:
-    """Collective: per held-out sequence and draft step, Σα (tail dropped / bucket), ΣKL and positions, all ranks."""
+             device, exact: TargetSource | None = None) -> HeldoutSums:
+    """Collective: per held-out sequence and draft step, Σα (tail dropped / bucket), ΣKL and positions, all ranks;
+    also Σα against `exact`'s full target distribution when given (the exact α, between the two bounds)."""
     num_batches = int(_all_reduce([len(batches)], device, dist.ReduceOp.MAX)[0])
     vocab_map = getattr(engine.module, "vocab_map", None)
     index = {sample_id: i for i, sample_id in enumerate(eval_ids)}
-    sums = torch.zeros(len(QUANTITIES), len(eval_ids), engine.module.num_steps, dtype=torch.float64, device=device)
+    rows_of_sums = len(QUANTITIES) + (exact is not None)
+    sums = torch.zeros(rows_of_sums, len(eval_ids), engine.module.num_steps, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
@@ -160,6 +162,7 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
             if i >= len(batches):
                 continue
             target = targets(batch)
+            full = None if exact is None else target if exact is targets else exact(batch)
             sequence = torch.tensor([index[sid] for sid in batch.sample_ids], device=device)[batch.target_batch]
             for n, draft in enumerate(steps):
                 step_target = select_rows(target, draft.rows)
@@ -168,8 +171,12 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
                 alpha_drop = alpha_bucket  # a full distribution has no tail: both modes agree
                 if isinstance(step_target, SparseTarget):
                     _, alpha_drop, _ = kl_alpha(draft.logits, step_target, tail="drop", vocab_map=vocab_map)
-                for q, values in enumerate((alpha_drop, alpha_bucket, kl, torch.ones_like(kl))):
-                    sums[q, :, n].index_add_(0, rows, values.to(torch.float64))
+                values = [alpha_drop, alpha_bucket, kl, torch.ones_like(kl)]
+                if full is not None:
+                    values.append(alpha_bucket if full is target else
+                                  kl_alpha(draft.logits, select_rows(full, draft.rows), vocab_map=vocab_map)[1])
+                for q, value in enumerate(values):
+                    sums[q, :, n].index_add_(0, rows, value.to(torch.float64))
     engine.train()
     dist.all_reduce(sums)  # each rank filled the rows of its own sequences
     return HeldoutSums(sample_ids=list(eval_ids), sums=sums.cpu().numpy(), step=step)
@@ -290,6 +297,9 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     device = engine.device
     timings = {"setup_s": time.time() - started}
     targets = TargetSource(config.target_source, plan.target_path, dtype, device)
+    # The exact held-out α: a run trained online already scores against the full distribution.
+    exact = (targets if config.target_source == "online"
+             else TargetSource("online", plan.target_path, dtype, device) if config.exact_heldout else None)
 
     checkpoint_dir = run_dir / CHECKPOINTS_DIR
     restored = load_checkpoint(engine, checkpoint_dir) if config.resume else None
@@ -331,7 +341,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
             record["epoch"] = stream.position.epoch
             last_train = {k: v for k, v in record.items() if k != "time"}
             if (config.eval_every and step % config.eval_every == 0) or step == plan.total_steps:
-                sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, step, device)
+                sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, step, device, exact)
                 last_eval = sums.record(config.tau_draft_len)
                 record["eval"] = last_eval
                 if rank == 0:

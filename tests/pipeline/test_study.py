@@ -126,8 +126,10 @@ def _tau(report, names, temperature, bench="all"):
     return sum(r["new_tokens"] for r in rows) / sum(r["target_forwards"] for r in rows)
 
 
-def _heldout(alpha_by_loss: dict[str, float], seeds: int = 3, sequences: int = 30, steps: int = 3, seed: int = 0):
-    """HeldoutSums per loss and seed: α ≈ alpha_by_loss[loss]·0.8^n at step n (tail dropped), +0.05 as a bucket."""
+def _heldout(alpha_by_loss: dict[str, float], seeds: int = 3, sequences: int = 30, steps: int = 3, seed: int = 0,
+             exact: bool = False):
+    """HeldoutSums per loss and seed: α ≈ alpha_by_loss[loss]·0.8^n at step n (tail dropped), +0.05 as a bucket
+    (and +0.01 as the exact α, when asked)."""
     rng = np.random.default_rng(seed)
     positions = rng.integers(10, 40, size=(sequences, steps)).astype(float)  # the same positions for every run
     out = {}
@@ -135,7 +137,8 @@ def _heldout(alpha_by_loss: dict[str, float], seeds: int = 3, sequences: int = 3
         out[loss] = []
         for _ in range(seeds):
             drop = positions * np.clip(alpha * 0.8 ** np.arange(steps) + rng.normal(0, 0.05, (sequences, steps)), 0, 1)
-            sums = np.stack([drop, drop + 0.05 * positions, positions * 0.3, positions])
+            sums = np.stack([drop, drop + 0.05 * positions, positions * 0.3, positions]
+                            + ([drop + 0.01 * positions] if exact else []))
             out[loss].append(HeldoutSums([f"s{i}" for i in range(sequences)], sums, step=9))
     return out
 
@@ -168,6 +171,28 @@ def test_heldout_summary_pairs_runs_over_seeds_and_sequences():
         assert checks["half_width_step1"] == {"lk_lambda": pytest.approx(width)}
         assert checks["half_width_met"] == {"lk_lambda": width <= 0.015}
     assert part["checks"]["bucket"]["reference_alpha_step1"] > part["checks"]["drop"]["reference_alpha_step1"]
+
+
+def test_heldout_summary_adds_the_exact_alpha_where_every_run_scored_it():
+    from eval.study_report import markdown, summarize_heldout
+
+    heldout = _heldout({"kl": 0.30, "lk_lambda": 0.36}, exact=True)
+    part = summarize_heldout(heldout, reference="kl", draft_len=4, resamples=500, confidence=0.95)
+    assert list(part["tails"]) == ["drop", "bucket", "exact"] and list(part["checks"]) == ["drop", "bucket", "exact"]
+    exact = {row["loss"]: row for row in part["tails"]["exact"]}
+    pooled = [sum(h.sums[4].sum(0) for h in heldout[loss]) / sum(h.sums[3].sum(0) for h in heldout[loss])
+              for loss in ("kl", "lk_lambda")]
+    assert exact["kl"]["alpha"] == pytest.approx(pooled[0]) and exact["lk_lambda"]["alpha"] == pytest.approx(pooled[1])
+    assert exact["lk_lambda"]["ratio"][0]["estimate"] == pytest.approx(pooled[1][0] / pooled[0][0])
+    assert part["checks"]["exact"]["reference_alpha_step1"] == pytest.approx(pooled[0][0])
+    text = markdown({"reproduction": [{"drafter": "medusa", "label": "medusa", "losses": ["kl", "lk_lambda"],
+                                       "seeds": [0, 1, 2], "reference": "kl", "rows": [], "bench": {},
+                                       "greedy_mismatches": 0, "heldout": part}]})
+    assert "Exact α (against the target's full distribution):" in text
+    assert f"- exact α: α(kl) = {pooled[0][0]:.3f}, goal ≥ 0.3" in text
+    heldout["lk_lambda"][2] = HeldoutSums(heldout["lk_lambda"][2].sample_ids, heldout["lk_lambda"][2].sums[:4], step=9)
+    part = summarize_heldout(heldout, reference="kl", draft_len=4, resamples=200, confidence=0.95)
+    assert list(part["tails"]) == ["drop", "bucket"]  # one run without it: the bounds only
 
 
 def test_heldout_summary_refuses_runs_scored_on_other_sequences():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import CacheMismatchError
+from cache import CacheMismatchError, open_cache
 from pipeline.cli import main
 from pipeline.train_job import (_ProgressBar, default_run_name, list_runs, plan_run, prepare_run_dir, sweep_configs,
                                 train_sweep)
@@ -131,6 +131,27 @@ def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir
     assert plan_run(_config(cache_dir, tmp_path, resume=True, stop_after=3)).run_dir == plan.run_dir
 
 
+def test_a_run_from_before_a_setting_existed_resumes_with_that_settings_default(tmp_path, cache_dir):
+    plan = plan_run(_config(cache_dir, tmp_path))
+    Path(plan.run_dir).mkdir(parents=True)
+    older = {k: v for k, v in plan.config.to_dict().items() if k != "exact_heldout"}  # a run.json of an older lkspec
+    (Path(plan.run_dir) / "run.json").write_text(json.dumps({"status": "done", "config": older,
+                                                              "cache": {"key": plan.cache_key}}))
+    assert plan_run(_config(cache_dir, tmp_path, resume=True)).run_dir == plan.run_dir
+    with pytest.raises(ConfigError, match=r"different settings \(--eta 3.0 -> 2.0\)"):
+        plan_run(_config(cache_dir, tmp_path, resume=True, eta=2.0))
+    # an evaluation-only setting: a resumed run may add the exact α to its evaluations still to come
+    assert plan_run(_config(cache_dir, tmp_path, resume=True, exact_heldout=True)).target_path is not None
+
+
+def test_exact_heldout_is_a_flag_that_plans_the_target_into_each_worker(tmp_path, cache_dir):
+    [config] = _cli_configs(cache_dir, tmp_path, [*TINY_FLAGS, "--exact-heldout"])
+    assert config.exact_heldout and not _cli_configs(cache_dir, tmp_path, TINY_FLAGS)[0].exact_heldout
+    plan = plan_run(config)
+    assert plan.target_path is not None and Path(plan.target_path).is_dir()  # the cache's own target
+    assert plan_run(_config(cache_dir, tmp_path)).target_path is None  # scored against the cache alone
+
+
 def test_a_rerun_starts_from_the_last_checkpoint_with_its_log_and_progress_bar_to_match(tmp_path, cache_dir, capsys):
     config = dict(steps=120, checkpoint_every=120)
     first = plan_run(_config(cache_dir, tmp_path, **config))
@@ -245,7 +266,7 @@ def two_worker_runs(ray_address, cache_dir, cache_before_training, hidden_state_
         "eagle3": _cli_configs(hidden_state_cache, out["eagle3"], EAGLE3_FLAGS),
         "state": [TrainConfig(cache=str(hidden_state_cache), out=str(out["state"]), drafter=drafter, loss="lk_lambda",
                               workers=2, steps=12, warmup=2, lr=3e-3, batch_tokens=512, eval_every=6,
-                              eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0)
+                              eval_sequences=8, heldout_fraction=0.15, checkpoint_every=0, exact_heldout=True)
                   for drafter, _ in STATE_DRAFTERS.values()],
     }
     run_dirs = iter(train_sweep([config for configs in groups.values() for config in configs], progress=False))
@@ -441,3 +462,45 @@ def test_medusa_and_mlp_train_from_a_last_cache_and_decode_exactly(two_worker_ru
     assert len(report["results"]) == 2
     for row in report["results"]:
         assert row["greedy_mismatches"] == 0 and row["drafted"] > 0  # lossless at T = 0, and it did draft
+
+
+@pytest.mark.slow
+def test_exact_heldout_alpha_of_medusa_and_mlp_is_their_overlap_with_the_target(two_worker_runs, hidden_state_cache,
+                                                                                 target_dir, capsys):
+    """`--exact-heldout` (the state runs of the sweep): each held-out sequence's Σα against the target's full
+    distribution equals Σ_V min(p, q) written out from the exported heads and the target's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data import collate
+    from trainer.drafters import family_of_dir
+    from trainer.heldout import EXACT, read_heldout
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    reader = open_cache(hidden_state_cache)
+    for run_dir in two_worker_runs["state"]:
+        sums = read_heldout(run_dir)
+        assert sums.quantities[-1] == EXACT
+        drop, bucket, exact, positions = (sums.sums[sums.quantities.index(q)] for q in
+                                          ("alpha_drop_sum", "alpha_bucket_sum", EXACT, "positions"))
+        slack = 1e-3 * positions
+        assert (drop <= exact + slack).all() and (exact <= bucket + slack).all() and (exact < bucket - slack).any()
+        assert read_run(run_dir)["heldout"]["alpha_exact"] == pytest.approx(sums.pooled(EXACT))
+
+        family = family_of_dir(run_dir / "model")
+        drafter = family.drafter_class(family.load(run_dir / "model", torch.float32)).eval()
+        draft_ids = drafter.vocab_map
+        records = {r.sample_id: r for r in reader.iter_sequences(columns=("last",))}
+        for i, sample_id in enumerate(sums.sample_ids[:3]):
+            batch = collate([records[sample_id]], batch_tokens=512, columns=("last",))
+            with torch.no_grad():
+                p = torch.softmax(target(input_ids=batch.input_ids).logits[0][batch.target_pos].double(), dim=-1)
+                steps = drafter(batch.model_inputs())
+            for n, step in enumerate(steps):
+                q = torch.softmax(step.logits.double(), dim=-1)  # over the draft vocabulary
+                rows = p if step.rows is None else p[step.rows]
+                expected = torch.minimum(rows[:, draft_ids], q).sum()  # q is 0 outside the draft vocabulary
+                assert exact[i, n] == pytest.approx(float(expected), rel=1e-4, abs=1e-6), (run_dir.name, i, n)
+
+    assert main(["runs", str(two_worker_runs["state"][0].parent)]) == 0
+    table = capsys.readouterr().out
+    assert "held-out α (exact)" in table and "E[τ] (exact)" in table

@@ -1,4 +1,4 @@
-"""Held-out acceptance: expected τ, evaluate()'s per-sequence sums under both tail modes, heldout.json."""
+"""Held-out acceptance: expected τ, evaluate()'s per-sequence sums under both tail modes and exact, heldout.json."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,8 @@ from torch import nn
 from cache import open_cache
 from trainer.data import LoaderSpec, collate, eval_batches, heldout_split, scan_index
 from trainer.drafters import Drafter, DraftStep, build_drafter, resolve_drafter_spec
-from trainer.heldout import HELDOUT_JSON, HeldoutFileError, HeldoutSums, read_heldout, write_heldout
+from trainer.heldout import (EXACT, HELDOUT_JSON, QUANTITIES, HeldoutFileError, HeldoutSums, read_heldout,
+                             write_heldout)
 from trainer.loop import TargetSource, _dummy_batch, evaluate
 from trainer.losses import SparseTarget, expected_tau, kl_alpha
 
@@ -133,6 +134,62 @@ def test_heldout_json_round_trips_and_refuses_a_damaged_file(heldout, tmp_path):
         read_heldout(tmp_path)
     with pytest.raises(HeldoutFileError, match="has not been evaluated"):
         read_heldout(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def heldout_exact(heldout, tiny_cache, tiny_target_dir):
+    """The same evaluation with the exact α scored against the tiny target's full distribution (online)."""
+    _, drafter, records = heldout
+    reader = open_cache(tiny_cache)
+    split = heldout_split(scan_index(reader), 0.25, 6)
+    spec = LoaderSpec(rank=0, world_size=1, seed=0, batch_tokens=128, heldout_threshold=split.heldout_threshold)
+    cpu = torch.device("cpu")
+    exact = TargetSource("online", str(tiny_target_dir), "fp32", cpu)
+    sums = evaluate(Engine(drafter), eval_batches(reader, spec, split.eval_shards, split.eval_ids),
+                    _dummy_batch(reader.manifest["k"], {}, ()), TargetSource("cache", None, "fp32", cpu),
+                    split.eval_ids, 7, cpu, exact)
+    return sums, exact.model
+
+
+def test_the_exact_alpha_is_the_overlap_with_the_full_target_distribution(heldout, heldout_exact):
+    bounds, drafter, records = heldout
+    sums, target = heldout_exact
+    assert sums.quantities[-1] == EXACT and sums.sums.shape[0] == 5
+    np.testing.assert_array_equal(sums.sums[:4], bounds.sums)  # the bounds are unchanged
+    for i, record in enumerate(records):  # Σ_V min(p, q) per sequence, written out with softmaxes
+        batch = collate([record], batch_tokens=128)
+        with torch.no_grad():
+            logits = target(input_ids=batch.input_ids).logits[0]  # [T, V]
+            p = torch.softmax(logits[batch.target_pos].double(), dim=-1)  # [N, V]
+            steps = drafter(batch.model_inputs())
+        for n, step in enumerate(steps):
+            rows = p if step.rows is None else p[step.rows]
+            expected = torch.minimum(rows, torch.softmax(step.logits.double(), dim=-1)).sum()
+            assert sums.sums[4, i, n] == pytest.approx(float(expected), rel=1e-4)
+    # the exact α lies between the two tail bounds (up to the fp16 rounding of the cached log-probs)
+    slack = 1e-3 * sums.sums[3]
+    assert (sums.sums[0] <= sums.sums[4] + slack).all() and (sums.sums[4] <= sums.sums[1] + slack).all()
+    assert (sums.sums[4] < sums.sums[1] - slack).any()  # the bucket bound is not the exact α
+    record = sums.record(draft_len=7)
+    assert record["alpha_exact"] == pytest.approx(sums.pooled(EXACT))
+    assert record["tau_exact"] == pytest.approx(expected_tau(record["alpha_exact"], 7))
+
+
+def test_heldout_json_keeps_the_exact_sums_and_reads_files_without_them(heldout, heldout_exact, tmp_path):
+    sums, _ = heldout_exact
+    write_heldout(tmp_path, sums, draft_len=7)
+    back = read_heldout(tmp_path)
+    np.testing.assert_array_equal(back.sums, sums.sums)
+    summary = json.loads((tmp_path / HELDOUT_JSON).read_text())["summary"]
+    assert summary["alpha_exact"] == pytest.approx(sums.pooled(EXACT)) and "tau_exact" in summary
+    write_heldout(tmp_path, heldout[0], draft_len=7)  # a run scored without the exact α
+    back = read_heldout(tmp_path)
+    assert back.quantities == QUANTITIES and "alpha_exact" not in back.record(7)
+    data = json.loads((tmp_path / HELDOUT_JSON).read_text())
+    data[EXACT] = [[0.0]] * len(data["sample_ids"])  # one step where the others have two
+    (tmp_path / HELDOUT_JSON).write_text(json.dumps(data))
+    with pytest.raises(HeldoutFileError, match="alpha_exact_sum differ in shape"):
+        read_heldout(tmp_path)
 
 
 def test_a_run_without_scored_positions_pools_to_zero():
