@@ -348,7 +348,7 @@ def test_shipped_family_study_configs_are_valid_and_share_one_budget(name, draft
     assert list(config.losses) == losses and len(config.seeds) == seeds
     assert config.part == "reproduction" and config.draft_k == 6
     assert (config.steps, config.batch_tokens, config.conversations, config.k) == (300, 2048, 1000, 32)
-    assert (config.heldout_fraction, config.eval_sequences) == (0.25, 256)
+    assert (config.heldout_fraction, config.eval_sequences, config.exact_heldout) == (0.25, 256, True)
 
 
 def test_init_embeddings_from_target_goes_only_to_families_that_take_something_from_the_target():
