@@ -260,6 +260,9 @@ def _check_run_dir(plan: RunPlan) -> None:
     if existing.get("cache", {}).get("key") != plan.cache_key:
         raise ConfigError(f"--resume of {run_dir}: it trained on cache {existing.get('cache', {}).get('key')}, "
                           f"{flag('cache')} is {plan.cache_key}")
+    if rescores_exact(plan, existing) and start_step(plan) != plan.total_steps:  # resuming would train it again
+        raise ConfigError(f"{run_dir} is done but its checkpoint of step {plan.total_steps} is gone: "
+                          f"{flag('exact_heldout')} cannot score it without training it again")
 
 
 def train_sweep(configs: list[TrainConfig], *, address: str | None = None, progress: bool = True) -> list[Path]:
@@ -295,7 +298,11 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
     for plan in plans:
         existing = read_run(Path(plan.run_dir))
         if plan.config.resume and existing and existing.get("status") == "done":
-            _say(f"{Path(plan.run_dir).name}: already done ({existing.get('steps_done')} steps), nothing to resume")
+            if rescores_exact(plan, existing):
+                _say(f"{Path(plan.run_dir).name}: done; its final evaluation again, with the exact held-out α")
+                todo.append(plan)
+            else:
+                _say(f"{Path(plan.run_dir).name}: already done ({existing.get('steps_done')} steps), nothing to resume")
         else:
             todo.append(plan)
     if not todo:
@@ -331,6 +338,12 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
         if run.get("status") not in ("done", "stopped"):
             update_run(Path(plan.run_dir), status="failed", error="the workers exited without finishing the run")
             raise TrainingError(f"run {Path(plan.run_dir).name}: the workers exited without finishing it")
+
+
+def rescores_exact(plan: RunPlan, existing: dict) -> bool:
+    """Whether resuming this finished run scores its final evaluation again, to add the exact held-out α."""
+    return (plan.config.resume and plan.config.exact_heldout and existing.get("status") == "done"
+            and "alpha_exact" not in (existing.get("heldout") or {}))
 
 
 def start_step(plan: RunPlan) -> int:

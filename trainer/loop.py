@@ -358,6 +358,12 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         stream.close()
         logger.close()
 
+    if start == plan.total_steps and exact is not None and "alpha_exact" not in (last_eval or {}):
+        # A finished run resumed with --exact-heldout: its final evaluation again, now with the exact α.
+        sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, start, device, exact)
+        last_eval = sums.record(config.tau_draft_len)
+        if rank == 0:
+            write_heldout(run_dir, sums, config.tau_draft_len)
     timings["loop_s"] = time.time() - loop_started
     finished = stop == plan.total_steps
     export_check = None

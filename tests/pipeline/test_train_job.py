@@ -342,6 +342,48 @@ def test_heldout_json_holds_the_per_sequence_sums_of_the_last_evaluation(zero2_r
 
 
 @pytest.mark.slow
+def test_a_finished_run_resumed_with_exact_heldout_is_scored_again_not_trained(zero2_run, cache_dir, tmp_path,
+                                                                              capsys):
+    """`--resume --exact-heldout` on a done run: its final checkpoint's evaluation again, now with the exact α."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from trainer.heldout import EXACT, HELDOUT_JSON, read_heldout
+
+    run_dir = tmp_path / "runs" / zero2_run.name  # a copy: the module's other tests read the original
+    shutil.copytree(zero2_run, run_dir)
+    copied = read_run(run_dir)
+    (run_dir / "run.json").write_text(json.dumps({**copied, "config": {**copied["config"], "out": str(run_dir.parent)}}))
+    before, weights = read_heldout(run_dir), load_file(str(run_dir / "model" / "model.safetensors"))
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    config = _config(cache_dir, run_dir.parent, steps=24, eval_every=8, checkpoint_every=12, resume=True,
+                     exact_heldout=True)
+    train_sweep([config], progress=False)
+    assert "its final evaluation again, with the exact held-out α" in capsys.readouterr().err
+    after, run = read_heldout(run_dir), read_run(run_dir)
+    assert after.quantities[-1] == EXACT and after.step == 24
+    np.testing.assert_allclose(after.sums[:4], before.sums, rtol=1e-6)  # the same weights, the same bounds
+    assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained, nothing logged
+    for name, tensor in load_file(str(run_dir / "model" / "model.safetensors")).items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
+    assert run["status"] == "done" and run["steps_done"] == 24
+    assert run["heldout"]["alpha_exact"] == pytest.approx(after.pooled(EXACT))
+    drop, exact, bucket = (np.array(run["heldout"][f"alpha_{m}"]) for m in ("drop", "exact", "bucket"))
+    assert (drop <= exact + 1e-3).all() and (exact <= bucket + 1e-3).all()
+
+    scored = (run_dir / HELDOUT_JSON).stat().st_mtime_ns
+    train_sweep([config], progress=False)  # scored already: nothing to do
+    assert "already done (24 steps)" in capsys.readouterr().err
+    assert (run_dir / HELDOUT_JSON).stat().st_mtime_ns == scored
+
+    shutil.rmtree(run_dir / "checkpoints")  # without its final checkpoint, resuming would train it again
+    (run_dir / "run.json").write_text(json.dumps({**run, "heldout": {}}))
+    with pytest.raises(ConfigError, match="checkpoint of step 24 is gone: --exact-heldout cannot score it"):
+        plan_run(config)
+
+
+@pytest.mark.slow
 def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(two_worker_runs, cache_dir,
                                                                        cache_before_training):
     """`lkspec train ONLINE_FLAGS`: LK^α and LK^λ under ZeRO-1, the target model running online in each worker.
