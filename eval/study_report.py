@@ -14,11 +14,12 @@ from trainer.losses import expected_tau
 
 STUDY_JSON, STUDY_MD = "study.json", "study.md"
 HELDOUT_PLOT, TOPK_PLOT = "heldout_alpha.png", "topk_tau.png"
-# α measure -> HeldoutSums quantity: the two tail bounds, and the exact α where every run scored it
-TAIL_MODES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum", "exact": EXACT}
-TAIL_TITLES = {"drop": "Tail dropped (lower bound of α)", "bucket": "Tail as a bucket (upper bound of α)",
+# α measure -> HeldoutSums quantity: the two tail bounds, and the exact α where every run scored it.
+# study.json keeps them under "tails" (the name from before the exact α).
+ALPHA_MEASURES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum", "exact": EXACT}
+MEASURE_TITLES = {"drop": "Tail dropped (lower bound of α)", "bucket": "Tail as a bucket (upper bound of α)",
                "exact": "Exact α (against the target's full distribution)"}
-TAIL_LABELS = {"drop": "tail dropped", "bucket": "tail as a bucket", "exact": "exact α"}
+MEASURE_LABELS = {"drop": "tail dropped", "bucket": "tail as a bucket", "exact": "exact α"}
 # What the study must resolve (issue 11): KL drafters accept enough to leave room for an effect, and
 # the α-ratio interval is narrow enough to see a 3% one.
 ALPHA_GOAL, HALF_WIDTH_GOAL = 0.3, 0.015
@@ -124,7 +125,7 @@ def summarize_heldout(heldout: dict[str, list[HeldoutSums]], *, reference: str, 
               for loss, runs in heldout.items()}
     positions = quantities.index("positions")
     tails = {}
-    for tail, quantity in TAIL_MODES.items():
+    for tail, quantity in ALPHA_MEASURES.items():
         if quantity not in quantities:
             continue
         q = quantities.index(quantity)
@@ -261,7 +262,7 @@ def _heldout_markdown(part: dict) -> list[str]:
              f"interval's half-width. E[τ] = 1 + Σ_k Π_j≤k α_j at K = {heldout['draft_len']}.", ""]
     for tail, tail_rows in heldout["tails"].items():
         rows = {row["loss"]: row for row in tail_rows}
-        lines += [f"{TAIL_TITLES[tail]}:", "",
+        lines += [f"{MEASURE_TITLES[tail]}:", "",
                   "| step | " + " | ".join(f"α {loss}" for loss in losses) + " | "
                   + " | ".join(f"{loss} ÷ {reference}" for loss in others) + " |",
                   "|---|" + "---|" * (len(losses) + len(others))]
@@ -276,7 +277,7 @@ def _heldout_markdown(part: dict) -> list[str]:
         widths = ", ".join(f"{loss} ÷ {reference} ±{100 * width:.1f}% "
                            f"({'met' if checks['half_width_met'][loss] else 'missed'})"
                            for loss, width in checks["half_width_step1"].items())
-        lines.append(f"- {TAIL_LABELS[tail]}: α({reference}) = "
+        lines.append(f"- {MEASURE_LABELS[tail]}: α({reference}) = "
                      f"{_f(checks['reference_alpha_step1'])}, goal ≥ {checks['alpha_goal']:g}: "
                      f"{'met' if checks['alpha_met'] else 'missed'}; half-widths {widths or '–'}, goal ≤ "
                      f"{100 * checks['half_width_goal']:g}%")

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         target_config = AutoConfig.from_pretrained(target_path)
         max_positions = int(getattr(target_config, "max_position_embeddings", max_positions) or max_positions)
         if scores_online and target_config.vocab_size != vocab_size:
-            raise CacheMismatchError(f"cache {key} has vocabulary size {vocab_size}, the online target "
+            raise CacheMismatchError(f"cache {key} has vocabulary size {vocab_size}, the target "
                                      f"{target_path} has {target_config.vocab_size}")
         if config.init_embeddings_from == "target":
             init_embeddings = (target_path, int(target_config.hidden_size))
@@ -249,8 +249,7 @@ def _check_run_dir(plan: RunPlan) -> None:
     if not plan.config.resume:
         raise ConfigError(f"{run_dir} already holds a run ({existing.get('status', '?')}); pass --resume to "
                           f"continue it or choose another {flag('run_name')}")
-    # A setting added after the run started is absent from its run.json: it ran with that setting's default.
-    before = {**asdict(TrainConfig(cache="", out="")), **existing.get("config", {})}
+    before = existing.get("config", {})
     now = plan.config.to_dict()
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
     if changed:
@@ -300,7 +299,7 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
         if plan.config.resume and existing and existing.get("status") == "done":
             if rescores_exact(plan, existing):
                 _say(f"{Path(plan.run_dir).name}: done; its final evaluation again, with the exact held-out α")
-                todo.append(plan)
+                todo.append(replace(plan, rescore_exact=True))
             else:
                 _say(f"{Path(plan.run_dir).name}: already done ({existing.get('steps_done')} steps), nothing to resume")
         else:
@@ -311,7 +310,8 @@ def train_runs(plans: list[RunPlan], *, progress: bool = True) -> None:
     if any(plan.config.workers != workers for plan in todo):
         raise ConfigError("runs trained together must use the same number of workers")
     use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
-    starts = [prepare_run_dir(plan, use_gpu) for plan in todo]
+    # a rescored run keeps its run.json (status done) and its plan.json as its training left them
+    starts = [plan.total_steps if plan.rescore_exact else prepare_run_dir(plan, use_gpu) for plan in todo]
     first = Path(todo[0].run_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -182,8 +182,9 @@ class RunPlan:
     num_heldout_sequences: int
     eval_ids: list[str]  # held-out sequences scored at each evaluation, in order
     eval_shards: dict[str, list[str]]  # shard index (str) -> the eval ids it holds
-    target_path: str | None = None  # online target model directory
+    target_path: str | None = None  # target model directory (--target-source online, --exact-heldout)
     columns: list[str] = field(default_factory=list)  # cache feature columns the drafter reads
+    rescore_exact: bool = False  # a finished run: its final evaluation again with the exact α, nothing trained
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable copy (the config nested)."""

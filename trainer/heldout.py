@@ -46,6 +46,11 @@ class HeldoutSums:
     sums: np.ndarray  # [4 (QUANTITIES) or 5 (+ EXACT), sequences, steps] float64
     step: int | None = None  # the training step evaluated
 
+    def __post_init__(self):
+        if self.sums.ndim != 3 or self.sums.shape[0] not in (len(QUANTITIES), len(QUANTITIES) + 1):
+            raise ValueError(f"held-out sums must be [{len(QUANTITIES)} or {len(QUANTITIES) + 1}, sequences, steps], "
+                             f"got shape {self.sums.shape}")
+
     @property
     def quantities(self) -> tuple[str, ...]:
         """The names of the rows of `sums`: QUANTITIES, then EXACT when the exact α was scored."""
@@ -53,6 +58,8 @@ class HeldoutSums:
 
     def pooled(self, quantity: str) -> list[float]:
         """Σ over sequences of `quantity` ÷ Σ positions, per draft step (0 where no position was scored)."""
+        if quantity not in self.quantities:
+            raise KeyError(f"{quantity!r} was not scored (scored: {', '.join(self.quantities)})")
         totals = self.sums.sum(axis=1)  # [quantities, steps]
         counts = np.maximum(totals[QUANTITIES.index("positions")], 1.0)
         return (totals[self.quantities.index(quantity)] / counts).tolist()

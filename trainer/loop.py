@@ -9,8 +9,10 @@ Held-out expected τ: for one draft step it is the chain estimate 1 + Σ_{k≤K}
 held-out mean acceptance and K = tau_draft_len (7); drafters with n steps use ᾱ_1..ᾱ_n and repeat
 ᾱ_n up to K. Held-out α is reported with the cache's tail as one bucket ("alpha", exact for the
 coarsened distributions, an upper bound of the true α) and with the tail dropped ("alpha_lower", a
-lower bound), whatever tail the run trains with. Each evaluation also writes its per-sequence sums
-to heldout.json (trainer.heldout); the last one becomes run.json's `heldout` measurement.
+lower bound), whatever tail the run trains with, and with --exact-heldout (or online targets) also
+against the target's full distribution ("alpha_exact"). Each evaluation also writes its per-sequence
+sums to heldout.json (trainer.heldout); the last one becomes run.json's `heldout` measurement. A
+finished run resumed with --exact-heldout (plan.rescore_exact) only evaluates its final checkpoint again.
 """
 from __future__ import annotations
 
@@ -101,6 +103,22 @@ class TargetSource:
         return DenseTarget(logits=logits)
 
 
+def _record_rescore(engine, plan: RunPlan, sums: HeldoutSums, rank: int) -> dict[str, Any]:
+    """Collective: write a finished run's new final evaluation (heldout.json, run.json's `heldout` and
+    `final.eval`, a `rescored` time), leaving the rest of run.json as the training wrote it."""
+    run_dir, draft_len = Path(plan.run_dir), plan.config.tau_draft_len
+    record = sums.record(draft_len)
+    if rank == 0:
+        write_heldout(run_dir, sums, draft_len)
+        run = read_run(run_dir) or {}
+        update_run(run_dir, final={**(run.get("final") or {}), "eval": record},
+                   heldout={**(run.get("heldout") or {}), **acceptance_summary(record, draft_len)},
+                   rescored=time.time())
+    engine.destroy()
+    dist.barrier()
+    return {"status": "done", "steps_done": plan.total_steps, "tau": record["tau"]}
+
+
 def _all_reduce(values: list[float], device, op=dist.ReduceOp.SUM) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
@@ -152,8 +170,8 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
     num_batches = int(_all_reduce([len(batches)], device, dist.ReduceOp.MAX)[0])
     vocab_map = getattr(engine.module, "vocab_map", None)
     index = {sample_id: i for i, sample_id in enumerate(eval_ids)}
-    rows_of_sums = len(QUANTITIES) + (exact is not None)
-    sums = torch.zeros(rows_of_sums, len(eval_ids), engine.module.num_steps, dtype=torch.float64, device=device)
+    quantities = len(QUANTITIES) + (1 if exact is not None else 0)
+    sums = torch.zeros(quantities, len(eval_ids), engine.module.num_steps, dtype=torch.float64, device=device)
     engine.eval()
     with torch.no_grad():
         for i in range(num_batches):
@@ -162,7 +180,7 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
             if i >= len(batches):
                 continue
             target = targets(batch)
-            full = None if exact is None else target if exact is targets else exact(batch)
+            full = exact(batch) if exact is not None and exact is not targets else None
             sequence = torch.tensor([index[sid] for sid in batch.sample_ids], device=device)[batch.target_batch]
             for n, draft in enumerate(steps):
                 step_target = select_rows(target, draft.rows)
@@ -173,8 +191,9 @@ def evaluate(engine, batches: list[Batch], dummy: Batch, targets: TargetSource, 
                     _, alpha_drop, _ = kl_alpha(draft.logits, step_target, tail="drop", vocab_map=vocab_map)
                 values = [alpha_drop, alpha_bucket, kl, torch.ones_like(kl)]
                 if full is not None:
-                    values.append(alpha_bucket if full is target else
-                                  kl_alpha(draft.logits, select_rows(full, draft.rows), vocab_map=vocab_map)[1])
+                    values.append(kl_alpha(draft.logits, select_rows(full, draft.rows), vocab_map=vocab_map)[1])
+                elif exact is not None:  # the targets are the full distribution already
+                    values.append(alpha_bucket)
                 for q, value in enumerate(values):
                     sums[q, :, n].index_add_(0, rows, value.to(torch.float64))
     engine.train()
@@ -276,7 +295,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     run_dir = Path(plan.run_dir)
     started = time.time()
     dtype = config.resolved_dtype("cuda" if torch.cuda.is_available() else "cpu")  # this worker's device decides
-    if rank == 0:
+    if rank == 0 and not plan.rescore_exact:
         update_run(run_dir, status="running", started=started, dtype=dtype)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -297,9 +316,9 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     device = engine.device
     timings = {"setup_s": time.time() - started}
     targets = TargetSource(config.target_source, plan.target_path, dtype, device)
-    # The exact held-out α: a run trained online already scores against the full distribution.
-    exact = (targets if config.target_source == "online"
-             else TargetSource("online", plan.target_path, dtype, device) if config.exact_heldout else None)
+    # The exact held-out α: a run trained online scores against the full distribution anyway; otherwise
+    # (--exact-heldout) the target model is loaded at the first evaluation.
+    exact = targets if config.target_source == "online" else None
 
     checkpoint_dir = run_dir / CHECKPOINTS_DIR
     restored = load_checkpoint(engine, checkpoint_dir) if config.resume else None
@@ -313,6 +332,12 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
     held_out = eval_batches(reader, spec, plan.eval_shards, plan.eval_ids)
     feature_dims = {name: spec_["dim"] for name, spec_ in reader.manifest["features"].items()}
     dummy = _dummy_batch(plan.k, feature_dims, plan.columns)
+    if plan.rescore_exact:
+        if start != plan.total_steps:
+            raise RuntimeError(f"{run_dir}: rescoring needs the checkpoint of step {plan.total_steps}, found {start}")
+        exact = TargetSource("online", plan.target_path, dtype, device)
+        sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, start, device, exact)
+        return _record_rescore(engine, plan, sums, rank)
     stream = BatchStream(reader, spec, restored.position if restored else DataPosition(), config.prefetch_batches)
     logger = MetricsLogger(run_dir, enabled=rank == 0, resume_step=start)
     stop = min(plan.total_steps, config.stop_after or plan.total_steps)
@@ -341,6 +366,8 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
             record["epoch"] = stream.position.epoch
             last_train = {k: v for k, v in record.items() if k != "time"}
             if (config.eval_every and step % config.eval_every == 0) or step == plan.total_steps:
+                if exact is None and config.exact_heldout:
+                    exact = TargetSource("online", plan.target_path, dtype, device)
                 sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, step, device, exact)
                 last_eval = sums.record(config.tau_draft_len)
                 record["eval"] = last_eval
@@ -358,12 +385,6 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         stream.close()
         logger.close()
 
-    if start == plan.total_steps and exact is not None and "alpha_exact" not in (last_eval or {}):
-        # A finished run resumed with --exact-heldout: its final evaluation again, now with the exact α.
-        sums = evaluate(engine, held_out, dummy, targets, plan.eval_ids, start, device, exact)
-        last_eval = sums.record(config.tau_draft_len)
-        if rank == 0:
-            write_heldout(run_dir, sums, config.tau_draft_len)
     timings["loop_s"] = time.time() - loop_started
     finished = stop == plan.total_steps
     export_check = None
@@ -381,7 +402,7 @@ def run_worker(plan: RunPlan, *, rank: int, world_size: int) -> dict[str, Any]:
         "best_step": best["step"] if best else None,
     }
     engine.destroy()  # release DeepSpeed's hooks and buffers before the next run of a sweep
-    del engine, drafter, targets
+    del engine, drafter, targets, exact
     if rank == 0:
         update_run(run_dir, status=summary["status"], steps_done=stop,
                    final={"train": last_train, "eval": last_eval}, best=best,

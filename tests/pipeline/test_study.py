@@ -349,6 +349,7 @@ def test_shipped_family_study_configs_are_valid_and_share_one_budget(name, draft
     assert config.part == "reproduction" and config.draft_k == 6
     assert (config.steps, config.batch_tokens, config.conversations, config.k) == (300, 2048, 1000, 32)
     assert (config.heldout_fraction, config.eval_sequences, config.exact_heldout) == (0.25, 256, True)
+    assert config.train_config(drafters[0], "<cache>", config.k, "kl", 0, "bucket").exact_heldout
 
 
 def test_init_embeddings_from_target_goes_only_to_families_that_take_something_from_the_target():

@@ -131,15 +131,13 @@ def test_an_existing_run_needs_resume_with_the_same_settings(tmp_path, cache_dir
     assert plan_run(_config(cache_dir, tmp_path, resume=True, stop_after=3)).run_dir == plan.run_dir
 
 
-def test_a_run_from_before_a_setting_existed_resumes_with_that_settings_default(tmp_path, cache_dir):
+def test_a_stopped_run_from_before_exact_heldout_existed_resumes_and_may_add_it(tmp_path, cache_dir):
     plan = plan_run(_config(cache_dir, tmp_path))
     Path(plan.run_dir).mkdir(parents=True)
     older = {k: v for k, v in plan.config.to_dict().items() if k != "exact_heldout"}  # a run.json of an older lkspec
-    (Path(plan.run_dir) / "run.json").write_text(json.dumps({"status": "done", "config": older,
+    (Path(plan.run_dir) / "run.json").write_text(json.dumps({"status": "stopped", "config": older,
                                                               "cache": {"key": plan.cache_key}}))
-    assert plan_run(_config(cache_dir, tmp_path, resume=True)).run_dir == plan.run_dir
-    with pytest.raises(ConfigError, match=r"different settings \(--eta 3.0 -> 2.0\)"):
-        plan_run(_config(cache_dir, tmp_path, resume=True, eta=2.0))
+    assert plan_run(_config(cache_dir, tmp_path, resume=True)).target_path is None
     # an evaluation-only setting: a resumed run may add the exact α to its evaluations still to come
     assert plan_run(_config(cache_dir, tmp_path, resume=True, exact_heldout=True)).target_path is not None
 
@@ -356,6 +354,7 @@ def test_a_finished_run_resumed_with_exact_heldout_is_scored_again_not_trained(z
     copied = read_run(run_dir)
     (run_dir / "run.json").write_text(json.dumps({**copied, "config": {**copied["config"], "out": str(run_dir.parent)}}))
     before, weights = read_heldout(run_dir), load_file(str(run_dir / "model" / "model.safetensors"))
+    trained = read_run(run_dir)
     metrics = (run_dir / "metrics.jsonl").read_text()
     config = _config(cache_dir, run_dir.parent, steps=24, eval_every=8, checkpoint_every=12, resume=True,
                      exact_heldout=True)
@@ -367,7 +366,11 @@ def test_a_finished_run_resumed_with_exact_heldout_is_scored_again_not_trained(z
     assert (run_dir / "metrics.jsonl").read_text() == metrics  # nothing trained, nothing logged
     for name, tensor in load_file(str(run_dir / "model" / "model.safetensors")).items():
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=0)
-    assert run["status"] == "done" and run["steps_done"] == 24
+    assert run["status"] == "done" and run["steps_done"] == 24 and run["rescored"] > trained["finished"]
+    for key in ("finished", "worker_timings", "best", "export_check", "started"):  # the training's record stays
+        assert run[key] == trained[key], key
+    assert run["final"]["train"] == trained["final"]["train"]
+    assert run["final"]["eval"]["alpha_exact"] == pytest.approx(after.pooled(EXACT))
     assert run["heldout"]["alpha_exact"] == pytest.approx(after.pooled(EXACT))
     drop, exact, bucket = (np.array(run["heldout"][f"alpha_{m}"]) for m in ("drop", "exact", "bucket"))
     assert (drop <= exact + 1e-3).all() and (exact <= bucket + 1e-3).all()
@@ -402,6 +405,8 @@ def test_cli_sweep_of_two_losses_reads_one_cache_without_rebuilding_it(two_worke
     assert all(m["lam"] is None for m in read_metrics(run_dirs[0]))
     final = runs[0]["final"]["eval"]
     assert final["alpha"] == final["alpha_lower"]  # a full target distribution has no tail to bound
+    assert final["alpha_exact"] == final["alpha"]  # and online targets are the exact α's reference
+    assert runs[0]["heldout"]["alpha_exact"] == final["alpha"]
 
 
 @pytest.mark.slow

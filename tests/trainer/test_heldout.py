@@ -194,5 +194,9 @@ def test_heldout_json_keeps_the_exact_sums_and_reads_files_without_them(heldout,
 
 def test_a_run_without_scored_positions_pools_to_zero():
     sums = HeldoutSums(["a"], np.zeros((4, 1, 2)))
+    with pytest.raises(KeyError, match="'alpha_exact_sum' was not scored"):
+        sums.pooled(EXACT)
+    with pytest.raises(ValueError, match=r"must be \[4 or 5, sequences, steps\], got shape \(6, 1, 2\)"):
+        HeldoutSums(["a"], np.zeros((6, 1, 2)))
     record = sums.record(draft_len=3)
     assert record["alpha"] == [0.0, 0.0] and record["tau"] == 1.0 and record["sequences"] == 0
