@@ -351,10 +351,10 @@ def test_a_finished_run_resumed_with_exact_heldout_is_scored_again_not_trained(z
 
     run_dir = tmp_path / "runs" / zero2_run.name  # a copy: the module's other tests read the original
     shutil.copytree(zero2_run, run_dir)
-    copied = read_run(run_dir)
-    (run_dir / "run.json").write_text(json.dumps({**copied, "config": {**copied["config"], "out": str(run_dir.parent)}}))
-    before, weights = read_heldout(run_dir), load_file(str(run_dir / "model" / "model.safetensors"))
     trained = read_run(run_dir)
+    (run_dir / "run.json").write_text(json.dumps({**trained, "config": {**trained["config"],
+                                                                         "out": str(run_dir.parent)}}))
+    before, weights = read_heldout(run_dir), load_file(str(run_dir / "model" / "model.safetensors"))
     metrics = (run_dir / "metrics.jsonl").read_text()
     config = _config(cache_dir, run_dir.parent, steps=24, eval_every=8, checkpoint_every=12, resume=True,
                      exact_heldout=True)
