@@ -394,7 +394,7 @@ def plot_heldout(families: list[dict], path: Path) -> None:
         ax.set_xlabel("draft step (head)")
         ax.set_title(family["label"])
         ax.set_ylim(0, None)
-    axes[0][0].set_ylabel("held-out α (band: tail dropped .. bucket; dashed: exact)")
+    axes[0][0].set_ylabel("held-out α (band: tail bounds; --: exact)")
     axes[0][-1].legend(fontsize=8)
     save_png(fig, path, dpi=100)
 
