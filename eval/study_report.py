@@ -18,7 +18,7 @@ HELDOUT_PLOT, TOPK_PLOT = "heldout_alpha.png", "topk_tau.png"
 # study.json keeps them under "tails" (the name from before the exact α).
 ALPHA_MEASURES = {"drop": "alpha_drop_sum", "bucket": "alpha_bucket_sum", "exact": EXACT}
 MEASURE_TITLES = {"drop": "Tail dropped (lower bound of α)", "bucket": "Tail as a bucket (upper bound of α)",
-               "exact": "Exact α (against the target's full distribution)"}
+                  "exact": "Exact α (against the target's full distribution)"}
 MEASURE_LABELS = {"drop": "tail dropped", "bucket": "tail as a bucket", "exact": "exact α"}
 # What the study must resolve (issue 11): KL drafters accept enough to leave room for an effect, and
 # the α-ratio interval is narrow enough to see a 3% one.
