@@ -61,8 +61,9 @@ def _temperatures(report: dict) -> list[float]:
     return sorted({r["temperature"] for r in report["prompts"]})
 
 
-def _greedy_mismatches(report: dict) -> int:
-    return sum(r.get("greedy_mismatches") or 0 for r in report["overall"])
+def _greedy_check(report: dict) -> dict[str, int]:
+    """T = 0 outputs that differ from target greedy: failures, and near-ties of the target's top-2 (eval.report)."""
+    return {key: sum(r.get(key) or 0 for r in report["overall"]) for key in ("greedy_mismatches", "greedy_near_ties")}
 
 
 def summarize_reproduction(report: dict, *, runs: list[dict], losses: list[str], seeds: list[int], reference: str,
@@ -88,7 +89,7 @@ def summarize_reproduction(report: dict, *, runs: list[dict], losses: list[str],
                                               if len(seeds) > 1 else None)
                 rows.append(row)
     return {"reference": reference, "losses": losses, "seeds": seeds, "rows": rows, "runs": runs,
-            "greedy_mismatches": _greedy_mismatches(report), "bench": report.get("config", {})}
+            **_greedy_check(report), "bench": report.get("config", {})}
 
 
 def _paper_tau(report: dict, drafters: list[str], prompts: list[tuple], temperature: float) -> float | None:
@@ -198,7 +199,7 @@ def summarize_topk(report: dict, *, runs: list[dict], resamples: int, confidence
             best[f"{temperature:g}"] = {"name": top["name"], "tail": top["tail"], "ratio": top["ratio"],
                                         "meets_goal": top["ratio"]["estimate"] >= 0.99}
     return {"online": online["name"], "rows": rows, "runs": runs, "best_k32": best,
-            "greedy_mismatches": _greedy_mismatches(report), "bench": report.get("config", {})}
+            **_greedy_check(report), "bench": report.get("config", {})}
 
 
 # ------------------------------------------------------------------------------- writing
@@ -312,8 +313,15 @@ def _reproduction_markdown(part: dict) -> list[str]:
         cells += [_ci(by[(temperature, domain, loss)]["seed_t_interval"]) for loss in others]
         n = by[(temperature, domain, reference)]["num_prompts"]
         lines.append(f"| {temperature:g} | {domain} (n={n}) | " + " | ".join(cells) + " |")
-    lines += ["", f"Lossless check at T = 0: {part['greedy_mismatches']} output(s) differ from target greedy.", ""]
+    lines += ["", _lossless_line(part), ""]
     return lines
+
+
+def _lossless_line(part: dict) -> str:
+    near_ties = part.get("greedy_near_ties") or 0
+    return (f"Lossless check at T = 0: {part['greedy_mismatches']} failure(s) (outputs that differ from target "
+            f"greedy); {near_ties} output(s) that differ first at a near-tie of the target's top-2 logits "
+            f"(eval.exactness: not a failure).")
 
 
 def _topk_markdown(part: dict) -> list[str]:

@@ -209,6 +209,9 @@ def test_reproduction_summary_pools_seeds_and_prompts(tmp_path):
 
     names = {(loss, seed): f"{loss}-s{seed}" for loss in ("kl", "lk_lambda") for seed in (0, 1, 2)}
     report = _report({name: 0.2 if loss == "kl" else 0.4 for (loss, _), name in names.items()}, temperatures=(0.0, 1.0))
+    report["overall"] = [{"drafter": "kl-s0", "greedy_mismatches": 0, "greedy_near_ties": 1},
+                         {"drafter": "kl-s1", "greedy_mismatches": 1, "greedy_near_ties": 0},
+                         {"drafter": "lk_lambda-s2", "greedy_mismatches": 0, "greedy_near_ties": 2}]
     runs = [{"name": name, "loss": loss, "seed": seed} for (loss, seed), name in names.items()]
     part = summarize_reproduction(report, runs=runs, losses=["kl", "lk_lambda"], seeds=[0, 1, 2], reference="kl",
                                   resamples=500, confidence=0.95)
@@ -228,6 +231,8 @@ def test_reproduction_summary_pools_seeds_and_prompts(tmp_path):
     text = markdown(study)
     assert "## medusa-heads-3: LK vs KL" in text and "Drafter `medusa:heads=3`" in text
     assert "| 1 | gsm8k (n=4) |" in text and "Tail dropped (lower bound of α):" in text
+    assert ("Lossless check at T = 0: 1 failure(s) (outputs that differ from target greedy); 3 output(s) that "
+            "differ first at a near-tie of the target's top-2 logits") in text  # near-ties counted, not hidden
     ratio = part["heldout"]["tails"]["drop"][1]["ratio"][0]
     assert f"| 1 | {part['heldout']['tails']['drop'][0]['alpha'][0]:.3f} |" in text
     assert f"±{100 * ratio['half_width']:.1f}%" in text and "Sizing at step 1" in text
