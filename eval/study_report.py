@@ -318,10 +318,9 @@ def _reproduction_markdown(part: dict) -> list[str]:
 
 
 def _lossless_line(part: dict) -> str:
-    near_ties = part.get("greedy_near_ties") or 0
     return (f"Lossless check at T = 0: {part['greedy_mismatches']} failure(s) (outputs that differ from target "
-            f"greedy); {near_ties} output(s) that differ first at a near-tie of the target's top-2 logits "
-            f"(eval.exactness: not a failure).")
+            f"greedy); {part['greedy_near_ties']} output(s) that differ first at a near-tie of the target's top-2 "
+            f"logits (eval.exactness: not a failure).")
 
 
 def _topk_markdown(part: dict) -> list[str]:

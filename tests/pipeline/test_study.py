@@ -187,7 +187,7 @@ def test_heldout_summary_adds_the_exact_alpha_where_every_run_scored_it():
     assert part["checks"]["exact"]["reference_alpha_step1"] == pytest.approx(pooled[0][0])
     text = markdown({"reproduction": [{"drafter": "medusa", "label": "medusa", "losses": ["kl", "lk_lambda"],
                                        "seeds": [0, 1, 2], "reference": "kl", "rows": [], "bench": {},
-                                       "greedy_mismatches": 0, "heldout": part}]})
+                                       "greedy_mismatches": 0, "greedy_near_ties": 0, "heldout": part}]})
     assert "Exact α (against the target's full distribution):" in text
     assert f"- exact α: α(kl) = {pooled[0][0]:.3f}, goal ≥ 0.3" in text
     heldout["lk_lambda"][2] = HeldoutSums(heldout["lk_lambda"][2].sample_ids, heldout["lk_lambda"][2].sums[:4], step=9)
