@@ -47,14 +47,18 @@ class ExportError(RuntimeError):
 
 # ------------------------------------------------------------------------------- components
 def deepspeed_config(config: TrainConfig, dtype: str) -> dict[str, Any]:
-    """The DeepSpeed config of a run: ZeRO stage, AdamW (torch implementation), clipping, precision."""
+    """The DeepSpeed config of a run: ZeRO stage, AdamW (torch's fused kernel), clipping, precision.
+
+    fused: one kernel per parameter tensor instead of foreach's temporaries the size of the parameters
+    (on a 2-core AVX2 CPU, an MLP speculator's step over its 28M-entry embedding: 0.30 s -> 0.03 s).
+    """
     return {
         "train_micro_batch_size_per_gpu": 1,  # one token-budget batch per worker and step
         "gradient_accumulation_steps": 1,
         "gradient_clipping": config.grad_clip,
         "optimizer": {"type": "AdamW", "params": {
             "lr": config.lr, "betas": [config.adam_beta1, config.adam_beta2], "eps": 1e-8,
-            "weight_decay": config.weight_decay, "torch_adam": True}},
+            "weight_decay": config.weight_decay, "torch_adam": True, "fused": True}},
         "zero_optimization": {"stage": config.zero},
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 2**31 - 1,

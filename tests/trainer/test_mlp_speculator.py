@@ -14,7 +14,7 @@ from cache import open_cache
 from trainer.data import BatchStream, LoaderSpec, heldout_split, scan_index
 from trainer.drafters import DrafterError, SpecContext, build_drafter, draft_vocabulary, family, family_for, \
     family_of_dir, family_of_model
-from trainer.drafters.base import ExportFormatError
+from trainer.drafters.base import DraftStep, ExportFormatError, shifted_tokens, step_rows
 from trainer.drafters.mlp import (MLPSpeculator, MLPSpeculatorConfig, is_mlp_speculator_dir, load_mlp_speculator,
                                   save_mlp_speculator)
 from trainer.losses import SparseTarget, combine_steps, compute_loss
@@ -130,6 +130,43 @@ def test_every_stage_learns(cache_batch):
     for name, p in drafter.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
+
+
+def test_tied_stages_embed_all_tokens_in_one_lookup_with_the_per_stage_gradients(cache_batch):
+    """Training looks the shared table up once for every stage (one dense gradient, not K); the loss and every
+    gradient equal those of K per-stage lookups through embed(), the decoder's path."""
+    batch = cache_batch
+    torch.manual_seed(0)
+    drafter = build_drafter(resolve("mlp:stages=3,tie=true"))
+    model, inputs = drafter.model, batch.model_inputs()
+    target = SparseTarget(batch.topk_ids, batch.topk_logprobs)
+
+    def loss_and_grads(steps):
+        loss = combine_steps([compute_loss("lk_lambda", s.logits, SparseTarget(target.ids[s.rows],
+                                                                               target.logprobs[s.rows]))
+                              for s in steps])
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss, grads
+
+    def per_stage_steps():
+        state, steps = model.start(inputs["last"]), []
+        for n in range(1, 4):
+            state = model.advance(n - 1, state, model.embed(n - 1, shifted_tokens(inputs["input_ids"], n)))
+            rows, row_batch, row_pos = step_rows(inputs["target_batch"], inputs["target_pos"], n)
+            steps.append(DraftStep(model.logits(n - 1, state[row_batch, row_pos]), rows))
+        return steps
+
+    tokens = torch.stack([shifted_tokens(inputs["input_ids"], n) for n in range(1, 4)])
+    lookups = []
+    hook = model.emb[0].register_forward_hook(lambda module, args, out: lookups.append(args[0].shape))
+    one_lookup = loss_and_grads(drafter(inputs))
+    hook.remove()
+    assert lookups == [tokens.shape]  # all three stages' tokens in one call
+    reference = loss_and_grads(per_stage_steps())
+    torch.testing.assert_close(one_lookup[0], reference[0], rtol=1e-6, atol=1e-6)
+    for (name, _), grad, expected in zip(model.named_parameters(), one_lookup[1], reference[1]):
+        assert float(expected.abs().sum()) > 0, name
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=name)
 
 @pytest.fixture(scope="module")
 def reduced_spec(tiny_cache, cache_batch):

@@ -4,8 +4,8 @@ A `StepModel` drafts in K steps from h_t, the target's final hidden state (after
 the position t that produced the newest committed token x_{t+1}:
 
     state_0 = start(h_t)
-    state_n = advance(n, state_{n-1}, token_n)    token_1 = x_{t+1}, token_n = the token step n−1 drafted
-    logits_n = logits(n, state_n)                 step n proposes x_{t+n+1}
+    state_n = advance(n, state_{n-1}, embed(n, token_n))    token_1 = x_{t+1}, token_n = the token step n−1 drafted
+    logits_n = logits(n, state_n)                           step n proposes x_{t+n+1}
 
 MEDUSA ignores the tokens (state_n = h_t, head n reads it); the MLP speculator mixes each token's
 embedding into its state. Training teacher-forces token_n = x_{t+n} and scores step n at row t
@@ -72,8 +72,16 @@ class StepModel(nn.Module):
         """state_0 from the target's final hidden states [.., d_target]."""
         raise NotImplementedError
 
-    def advance(self, step: int, state: Tensor, tokens: Tensor) -> Tensor:  # pragma: no cover - interface
-        """state_n from state_{n−1} and token_n (step = n − 1, 0-based)."""
+    def embed(self, step: int, tokens: Tensor) -> Tensor | None:
+        """What advance() reads of token_n (step = n − 1, 0-based); None: the steps ignore their tokens."""
+        return None
+
+    def embed_teacher_forced(self, tokens: Tensor) -> list[Tensor | None]:
+        """embed() of every step's token at once: tokens [K, ..] holds token_n of step n at index n − 1."""
+        return [self.embed(step, step_tokens) for step, step_tokens in enumerate(tokens)]
+
+    def advance(self, step: int, state: Tensor, embedded: Tensor | None) -> Tensor:  # pragma: no cover - interface
+        """state_n from state_{n−1} and embed(n, token_n) (step = n − 1, 0-based)."""
         raise NotImplementedError
 
     def logits(self, step: int, state: Tensor) -> Tensor:  # pragma: no cover - interface
@@ -114,9 +122,11 @@ class StepDrafter(Drafter):
         model = self.model
         dtype = next(model.parameters()).dtype
         state = model.start(batch["last"].to(dtype))  # [B, T, d]: h_t at every row t
+        tokens = torch.stack([shifted_tokens(batch["input_ids"], n) for n in range(1, self.num_steps + 1)])
+        embedded = model.embed_teacher_forced(tokens)  # step n at row t reads token x_{t+n}
         steps = []
         for n in range(1, self.num_steps + 1):
-            state = model.advance(n - 1, state, shifted_tokens(batch["input_ids"], n))  # token x_{t+n}
+            state = model.advance(n - 1, state, embedded[n - 1])
             rows, row_batch, row_pos = step_rows(batch["target_batch"], batch["target_pos"], n)
             steps.append(DraftStep(model.logits(n - 1, state[row_batch, row_pos]), rows))  # only these reach a head
         return steps
@@ -204,7 +214,7 @@ class LastStateFamily(Family):
         token = tokens[-1:]  # x_{t+1}, sampled from the target at t
         drafts, draft_probs = [], []
         for step in range(min(k, model.num_steps)):
-            state = model.advance(step, state, token)
+            state = model.advance(step, state, model.embed(step, token))
             token, q = propose(on_target_vocab(model.logits(step, state), model.vocab_map, vocab))
             drafts.append(token)
             draft_probs.append(q)

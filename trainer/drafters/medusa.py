@@ -96,8 +96,8 @@ class MedusaModel(StepModel):
     def start(self, hidden: Tensor) -> Tensor:
         return hidden
 
-    def advance(self, step: int, state: Tensor, tokens: Tensor) -> Tensor:
-        return state  # every head reads h_t
+    def advance(self, step: int, state: Tensor, embedded: Tensor | None) -> Tensor:
+        return state  # every head reads h_t (embed() is None: no token enters)
 
     def logits(self, step: int, state: Tensor) -> Tensor:
         return self.lm_heads[step](self.blocks[step](state))

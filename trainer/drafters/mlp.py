@@ -128,8 +128,8 @@ class MLPSpeculator(StepModel):
             self.head = nn.ModuleList(nn.Linear(inner, rows, bias=False) for _ in range(n))
             self.ln = nn.ModuleList(SpeculatorNorm(inner, affine=True) for _ in range(n))
         self.ln0 = SpeculatorNorm(config.emb_dim, affine=False) if config.scale_input else None
-        self.state_weight = 0.5 ** (0.5 / n)
-        self.emb_weight = math.sqrt((1 - self.state_weight ** 2) * (inner / 2))
+        state_weight = 0.5 ** (0.5 / n)
+        self.token_scale = math.sqrt((1 - state_weight ** 2) * (inner / 2)) / state_weight  # emb_weight / state_weight
         for module in self.modules():  # IBM's initialization
             if isinstance(module, (nn.Embedding, nn.Linear)):
                 nn.init.normal_(module.weight, 0.0, 1 / math.sqrt(inner))
@@ -137,9 +137,17 @@ class MLPSpeculator(StepModel):
     def start(self, hidden: Tensor) -> Tensor:
         return self.ln0(hidden) / SQRT2 if self.ln0 is not None else hidden
 
-    def advance(self, step: int, state: Tensor, tokens: Tensor) -> Tensor:
-        mixed = self.proj[step](state) + (self.emb_weight / self.state_weight) * self.emb[step](tokens)
-        return F.gelu(self.ln[step](mixed))
+    def embed(self, step: int, tokens: Tensor) -> Tensor:
+        return self.token_scale * self.emb[step](tokens)
+
+    def embed_teacher_forced(self, tokens: Tensor) -> list[Tensor]:
+        if not self.config.tie_weights:
+            return super().embed_teacher_forced(tokens)
+        # One lookup of the shared table: its backward builds one dense [vocab, inner] gradient, not one per stage.
+        return list((self.token_scale * self.emb[0](tokens)).unbind(0))
+
+    def advance(self, step: int, state: Tensor, embedded: Tensor) -> Tensor:
+        return F.gelu(self.ln[step](self.proj[step](state) + embedded))
 
     def logits(self, step: int, state: Tensor) -> Tensor:
         return self.head[step](state)
