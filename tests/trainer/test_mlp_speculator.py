@@ -131,7 +131,6 @@ def test_every_stage_learns(cache_batch):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
-
 def test_tied_stages_embed_all_tokens_in_one_lookup_with_the_per_stage_gradients(cache_batch):
     """Training looks the shared table up once for every stage (one dense gradient, not K); the loss and every
     gradient equal those of K per-stage lookups through embed(), the decoder's path."""
@@ -167,6 +166,7 @@ def test_tied_stages_embed_all_tokens_in_one_lookup_with_the_per_stage_gradients
     for (name, _), grad, expected in zip(model.named_parameters(), one_lookup[1], reference[1]):
         assert float(expected.abs().sum()) > 0, name
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=name)
+
 
 @pytest.fixture(scope="module")
 def reduced_spec(tiny_cache, cache_batch):

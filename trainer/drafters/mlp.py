@@ -143,8 +143,8 @@ class MLPSpeculator(StepModel):
     def embed_teacher_forced(self, tokens: Tensor) -> list[Tensor]:
         if not self.config.tie_weights:
             return super().embed_teacher_forced(tokens)
-        # One lookup of the shared table: its backward builds one dense [vocab, inner] gradient, not one per stage.
-        return list((self.token_scale * self.emb[0](tokens)).unbind(0))
+        # Every stage shares emb[0]: one lookup, whose backward builds one dense [vocab, inner] gradient, not K.
+        return list(self.embed(0, tokens).unbind(0))
 
     def advance(self, step: int, state: Tensor, embedded: Tensor) -> Tensor:
         return F.gelu(self.ln[step](self.proj[step](state) + embedded))
