@@ -1,5 +1,6 @@
 """What a (K+1)-token verification forward costs against a 1-token decode step, with transformers'
-GQA key/value copy and without it (eval.attention), on the target alone, one process, A/B interleaved.
+GQA key/value copy and without it (eval.attention), then also with fp32 linear layers that read their
+weights once for a few rows (eval.few_row_linear), on the target alone, one process, interleaved.
 
 Speculative decoding at K drafts per step is faster than the target alone only when τ exceeds this
 ratio (plus the drafter's own cost), so on a CPU it decides whether a drafter with τ ≈ 1.2 pays.
@@ -21,13 +22,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench.result_file import write_result  # noqa: E402
 from eval.attention import FORCE_GQA  # noqa: E402
+from eval.few_row_linear import few_row_gemm  # noqa: E402
 from trainer.precision import add_precision_arguments, precision_from_args  # noqa: E402
 
-MODES = {"copy": "0", "grouped": "1"}  # FORCE_GQA values: transformers' default / eval.attention's
+# mode -> (FORCE_GQA value, few-row fp32 linear layers): transformers' default, eval.attention's, both fixes
+MODES = {"copy": ("0", False), "grouped": ("1", False), "grouped+gemm": ("1", True)}
 
 
 def time_forwards(model, context: int, tokens: list[int], reps: int) -> tuple[dict[str, dict[int, float]], float]:
-    """Median ms of an n-token forward over `context` cached tokens per mode, and the max logit difference."""
+    """Median ms of an n-token forward over `context` cached tokens per mode, and the max logit difference
+    from the copy mode."""
     import torch
     from transformers import DynamicCache
 
@@ -40,14 +44,16 @@ def time_forwards(model, context: int, tokens: list[int], reps: int) -> tuple[di
     with torch.inference_mode():
         forward(model, ids[:context], cache, 1)
         for _ in range(reps):
-            for mode, value in MODES.items():
+            for mode, (value, gemm) in MODES.items():
                 os.environ[FORCE_GQA] = value
+                few_row_gemm(model, gemm)
                 for n in tokens:
                     rollback(cache, context)
                     start = time.perf_counter()
-                    logits[mode], _ = forward(model, ids[context:context + n], cache, n, (-1,))
+                    logits[mode, n], _ = forward(model, ids[context:context + n], cache, n, (-1,))
                     times[mode][n].append(time.perf_counter() - start)
-    difference = float((logits["copy"] - logits["grouped"]).abs().max())
+    few_row_gemm(model, False)
+    difference = max(float((logits["copy", n] - logits[mode, n]).abs().max()) for mode, n in logits)
     return {mode: {n: 1000 * statistics.median(t) for n, t in by_n.items()} for mode, by_n in times.items()}, difference
 
 
@@ -79,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         os.environ.pop(FORCE_GQA, None) if saved is None else os.environ.update({FORCE_GQA: saved})
     print(f"{args.target}, {args.context} cached tokens, {args.threads} thread(s), median of {args.reps}")
-    print(f"{'tokens':>6} " + " ".join(f"{mode + ' ms':>11} {'÷ 1-token':>9}" for mode in MODES)
-          + f" {'grouped ÷ copy':>14}")
+    print(f"{'tokens':>6} " + " ".join(f"{mode + ' ms':>16} {'÷ 1-token':>9}" for mode in MODES)
+          + f" {'both ÷ copy, 1-token':>20}")
     for n in tokens:
-        cells = " ".join(f"{ms[mode][n]:11.1f} {ms[mode][n] / ms[mode][1]:9.3f}" for mode in MODES)
-        print(f"{n:6d} {cells} {ms['grouped'][n] / ms['copy'][n]:14.3f}")
-    print(f"max |logit difference| between the modes: {difference:.3g}")
+        cells = " ".join(f"{ms[mode][n]:16.1f} {ms[mode][n] / ms[mode][1]:9.3f}" for mode in MODES)
+        print(f"{n:6d} {cells} {ms['grouped+gemm'][n] / ms['copy'][1]:20.3f}")
+    print(f"max |logit difference| from the copy mode: {difference:.3g}")
     result = {"target": args.target, "context": args.context, "threads": args.threads, "reps": args.reps,
               "precision": precision, "ms": {mode: {str(n): v for n, v in by_n.items()} for mode, by_n in ms.items()},
               "ratio_to_one_token": {mode: {str(n): v / by_n[1] for n, v in by_n.items()} for mode, by_n in ms.items()},

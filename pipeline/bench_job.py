@@ -365,6 +365,7 @@ class BenchWorker:
 
         from eval import load_drafter
         from eval.attention import use_grouped_kv_heads_on_cpu
+        from eval.few_row_linear import use_few_row_gemm_on_cpu
         from eval.report import BASELINE
         from pipeline.resolve.models import load_model
         from pipeline.target_pass import load_placed_model
@@ -377,6 +378,8 @@ class BenchWorker:
             self.target = load_model(target_path, dtype=dtype, device="cuda" if gpus else "cpu")
         use_grouped_kv_heads_on_cpu(self.target.device)  # cheaper (K+1)-token verification forwards
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
+        for model in [self.target] + [drafter for _, drafter in self.drafters[1:]]:
+            use_few_row_gemm_on_cpu(model)  # fp32 on a CPU: one weight read per decode/verification forward
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.dtype = dtype  # the target's: its rounding step sets the near-tie tolerance at T = 0
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed
