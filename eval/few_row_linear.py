@@ -1,14 +1,14 @@
 """fp32 linear layers that read their weights once for a few rows, for decoding on a CPU.
 
 A decode step multiplies one row by every weight matrix of the target, a K-draft verification K + 1
-rows. Both should cost one read of the weights. On the 2-core AMD EPYC machines we measured (AVX2
-and AVX-512 alike), MKL's fp32 path for `x @ W.T` costs about one weight read per row for 2 or 3 rows,
-and its one-row path reaches only part of the memory bandwidth, so a 2-token verification forward of
-SmolLM2-135M cost 1.56x a decode step and speculative decoding with τ ≈ 1.2 ran slower than the target
-alone. The same product taken as `(W @ x.T).T` (x contiguous, one row repeated to two) runs at memory
-speed: 1-token forward 59 -> 50 ms, 2-token 91 -> 46 ms, one thread (bench/verify_cost.py,
-docs/eval.md). The values differ from `x @ W.T` by float rounding only. bf16 takes another path that
-is already fast, so only fp32 layers on a CPU change.
+rows. Both should cost one read of the weights. On a 2-core AMD EPYC with AVX-512, torch's fp32
+`x @ W.T` costs about one weight read per row for 2 or 3 rows, and its one-row path reaches only part
+of the memory bandwidth: a 2-token verification forward of SmolLM2-135M cost 1.6x a decode step (a real
+AVX2-only EPYC showed the same 1.5-1.6x), so speculative decoding with τ ≈ 1.2 ran slower than the
+target alone. The same product taken as `(W @ x.T).T` (x contiguous, one row repeated to two) reads
+the weights once: 1-token forward 59.8 -> 51.0 ms, 2-token 96.1 -> 49.1 ms, one thread
+(bench/verify_cost.py, docs/eval.md). The values differ from `x @ W.T` by float rounding only. bf16
+takes another path that is already fast, so only fp32 layers on a CPU change.
 """
 from __future__ import annotations
 
