@@ -49,7 +49,9 @@ class BenchConfig:
     seed: int = setting(0, ge=0, help="sampling seed (T > 0)")
     # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
     dtype: str = setting("auto", choices=DTYPE_CHOICES, help=f"precision of the target and drafters (default "
-                         f"{AUTO_HELP}); the report records the resolved one")
+                         f"{AUTO_HELP}); the report records the resolved one. fp32 on a CPU multiplies inputs "
+                         "of up to 8 rows reading the weights once (docs/eval.md; LKSPEC_FEW_ROW_GEMM=0: torch's "
+                         "own nn.Linear)")
     # GPUs per actor's target: auto = none on a CPU cluster, else the fewest that hold it
     gpus_per_worker: int | str = setting(
         "auto", auto=True, ge=0, metavar="N|auto",
