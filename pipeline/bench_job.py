@@ -49,9 +49,11 @@ class BenchConfig:
     seed: int = setting(0, ge=0, help="sampling seed (T > 0)")
     # auto: bf16 only where BENCH_DEVICE computes it natively; run_bench resolves it
     dtype: str = setting("auto", choices=DTYPE_CHOICES, help=f"precision of the target and drafters (default "
-                         f"{AUTO_HELP}); the report records the resolved one. fp32 on a CPU multiplies inputs "
-                         "of up to 8 rows reading the weights once (docs/eval.md; LKSPEC_FEW_ROW_GEMM=0: torch's "
-                         "own nn.Linear)")
+                         f"{AUTO_HELP}); the report records the resolved one")
+    # fp32 on a CPU: eval.few_row_linear's products for decode and verification forwards
+    few_row_gemm: bool = setting(True, help="fp32 on a CPU: torch's own nn.Linear for every product (default: "
+                                 "inputs of up to 5 rows are multiplied without reading the weights once per row; "
+                                 "docs/eval.md)")
     # GPUs per actor's target: auto = none on a CPU cluster, else the fewest that hold it
     gpus_per_worker: int | str = setting(
         "auto", auto=True, ge=0, metavar="N|auto",
@@ -321,6 +323,7 @@ def _run_on_actors(config: BenchConfig, target_path: Path, drafters: list[Benche
             str(target_path), [(d.name, str(d.path)) for d in drafters], dtype=config.dtype,
             threads=threads, k=config.k, temperatures=list(config.temperatures),
             max_new_tokens=config.max_new_tokens, seed=config.seed, gpus=gpus, max_memory_bytes=max_memory,
+            few_row_gemm=config.few_row_gemm,
         )
         for _ in range(workers)
     ]
@@ -362,12 +365,12 @@ class BenchWorker:
 
     def __init__(self, target_path: str, drafters: list[tuple[str, str]], *, dtype: str, threads: int,
                  k: int, temperatures: list[float], max_new_tokens: int, seed: int, gpus: int = 0,
-                 max_memory_bytes: int = 0):
+                 max_memory_bytes: int = 0, few_row_gemm: bool = True):
         import torch
 
         from eval import load_drafter
         from eval.attention import use_grouped_kv_heads_on_cpu
-        from eval.few_row_linear import use_few_row_gemm_on_cpu
+        from eval.few_row_linear import set_few_row_gemm
         from eval.report import BASELINE
         from pipeline.resolve.models import load_model
         from pipeline.target_pass import load_placed_model
@@ -381,7 +384,7 @@ class BenchWorker:
         use_grouped_kv_heads_on_cpu(self.target.device)  # cheaper (K+1)-token verification forwards
         self.drafters = [(BASELINE, None)] + [(name, load_drafter(path, self.target)) for name, path in drafters]
         for model in [self.target] + [drafter for _, drafter in self.drafters[1:]]:
-            use_few_row_gemm_on_cpu(model)  # fp32 on a CPU: one weight read per decode/verification forward
+            set_few_row_gemm(model, few_row_gemm)  # fp32 on a CPU; a no-op otherwise
         self.eos_token_id = self.target.generation_config.eos_token_id
         self.dtype = dtype  # the target's: its rounding step sets the near-tie tolerance at T = 0
         self.k, self.temperatures, self.max_new_tokens, self.seed = k, temperatures, max_new_tokens, seed

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eval.few_row_linear import FEW_ROW_GEMM, MAX_ROWS, FewRowLinear, few_row_gemm, use_few_row_gemm_on_cpu
+from eval.few_row_linear import MAX_ROWS, FewRowLinear, set_few_row_gemm
 from eval.speculative import speculative_generate
 
 
@@ -19,45 +19,47 @@ def tiny_target(tied: bool) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 32), (2, 32), (1, 3, 32), (2, 4, 32), (1, MAX_ROWS + 1, 32)])
-def test_few_row_products_equal_nn_linear(shape, bias):
+@pytest.mark.parametrize("shape", [(1, 32), (2, 32), (1, 3, 32), (2, 2, 32), (1, MAX_ROWS + 1, 32)])
+def test_few_row_products_equal_nn_linear_and_skip_its_path_up_to_max_rows(shape, bias, monkeypatch):
     torch.manual_seed(1)
     reference = nn.Linear(32, 48, bias=bias)
     layer = nn.Linear(32, 48, bias=bias)
     layer.load_state_dict(reference.state_dict())
-    assert few_row_gemm(layer, True) == 1 and type(layer) is FewRowLinear
     x = torch.randn(*shape)
+    expected = reference(x)
+    assert set_few_row_gemm(layer, True) == 1 and type(layer) is FewRowLinear
+    if x.numel() // 32 <= MAX_ROWS:  # the few-row path never reaches nn.Linear's product
+        monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: pytest.fail("nn.Linear's path was taken"))
     out = layer(x)
     assert out.shape == (*shape[:-1], 48) and out.is_contiguous()
-    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_only_fp32_cpu_linear_layers_change_and_tied_weights_stay_tied():
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
     model = tiny_target(tied=True)
     linears = sum(type(layer) is nn.Linear for layer in model.modules())
-    assert few_row_gemm(model, True) == linears == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    assert set_few_row_gemm(model, True) == linears == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert few_row_gemm(model, True) == 0  # already converted
-    assert few_row_gemm(model, False) == linears and type(model.lm_head) is nn.Linear
-    assert few_row_gemm(tiny_target(tied=True).to(torch.bfloat16), True) == 0
+    assert set_few_row_gemm(model, True) == 0  # already converted
+    assert set_few_row_gemm(model.to(torch.bfloat16), False) == linears  # turned back after a move too
+    assert type(model.lm_head) is nn.Linear
+    assert set_few_row_gemm(model, True) == 0  # bf16
+    assert set_few_row_gemm(nn.Linear(4, 4, device="meta"), True) == 0
+    hooked = nn.Linear(4, 4)
+    add_hook_to_module(hooked, ModelHook())  # its saved forward would bypass the change
+    assert set_few_row_gemm(hooked, True) == 0
 
 
-def test_the_users_setting_wins(monkeypatch):
-    monkeypatch.setenv(FEW_ROW_GEMM, "0")
-    model = tiny_target(tied=True)
-    assert use_few_row_gemm_on_cpu(model) == 0 and type(model.lm_head) is nn.Linear
-    monkeypatch.delenv(FEW_ROW_GEMM)
-    assert use_few_row_gemm_on_cpu(model) == 15 and type(model.lm_head) is FewRowLinear
-
-
-@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("k", [1, 3, MAX_ROWS - 1, 7])
 def test_speculative_decoding_with_converted_layers_stays_greedy_identical(k):
     target = tiny_target(tied=False)
     close = tiny_target(tied=False)  # accepts some drafts and rejects others: every verification length
     with torch.no_grad():
         for param in close.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    assert use_few_row_gemm_on_cpu(target) == use_few_row_gemm_on_cpu(close) == 15
+    assert set_few_row_gemm(target, True) == set_few_row_gemm(close, True) == 15
     for prompt in ([5, 17, 42], [100, 3, 3, 9]):
         greedy = target.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, pad_token_id=0,
                                  eos_token_id=None, attention_mask=torch.ones(1, len(prompt)))[0, len(prompt):]

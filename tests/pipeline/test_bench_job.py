@@ -240,6 +240,7 @@ def test_bench_job_end_to_end_is_lossless(ray_address, tiny_llama_dir, drafter_d
         if row["temperature"] == 0:
             assert row["greedy_mismatches"] == 0 and row["greedy_near_ties"] == 0
     assert report["config"]["dtype"] == "fp32"  # --dtype auto resolved (tests assume an AVX2 CPU: conftest)
+    assert report["config"]["few_row_gemm"] is True  # so the lossless check below covers eval.few_row_linear
     assert next(r for r in report["results"] if r["drafter"] == "lk-alpha")["tau"] > 1  # drafter = target
     assert report["drafters"][1]["run"] == {"loss": "lk_alpha"}
     assert [d["kind"] for d in report["drafters"]] == ["independent", "independent", "eagle3"]
