@@ -365,7 +365,7 @@ class BenchWorker:
 
     def __init__(self, target_path: str, drafters: list[tuple[str, str]], *, dtype: str, threads: int,
                  k: int, temperatures: list[float], max_new_tokens: int, seed: int, gpus: int = 0,
-                 max_memory_bytes: int = 0, few_row_gemm: bool = True):
+                 max_memory_bytes: int = 0, few_row_gemm: bool):
         import torch
 
         from eval import load_drafter
